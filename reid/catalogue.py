@@ -9,6 +9,7 @@ dtypes and guarantees. Catalogues are saved as CSV, never pickled.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from pandas._libs.tslibs.nattype import NaTType
 
 from reid.errors import CatalogueError, Problem
 from reid.files import atomic_write
@@ -74,7 +76,7 @@ def build_catalogue(
     other keys are ignored. `source` names the input in messages where a record has
     no `source` of its own; with `first_line`, messages name file lines (record i at
     line first_line + i) instead of `source_row`. Missing annotation IDs are derived
-    from the image path.
+    from the image path relative to the images' common folder (`#k` for a k-th box).
     """
     frame = records.copy() if isinstance(records, pd.DataFrame) else pd.DataFrame(list(records))
     for name in COLUMN_NAMES:
@@ -105,43 +107,56 @@ def build_catalogue(
             table[column.name] = pd.array([_clean_string(v) for v in values], dtype="string")
         elif column.dtype == "float":
             parsed = pd.to_numeric(values.map(_clean_string), errors="coerce").astype(float)
-            for i in np.flatnonzero(parsed.isna().to_numpy() & values.map(_present).to_numpy()):
+            for i in np.flatnonzero(parsed.isna().to_numpy() & values.map(_present).to_numpy()).tolist():
                 complain(i, f"{column.name} {values[i]!r} is not a number; write a number or leave it empty")
             table[column.name] = parsed
         else:
-            table[column.name] = _parse_timestamps(values, lambda i, v: complain(i, f"timestamp {v!r} is not ISO 8601 (like 2021-04-05T19:08:33+05:00); fix it or leave it empty"))
+            table[column.name] = _parse_timestamps(
+                values,
+                lambda i, v: complain(
+                    i, f"timestamp {v!r} is not ISO 8601 (like 2021-04-05T19:08:33+05:00); fix it or leave it empty"
+                ),
+            )
 
     table["side"] = _normalise_choice(table["side"], SIDES, _SIDE_ALIASES, "side", complain)
     table["sex"] = _normalise_choice(table["sex"], SEXES, _SEX_ALIASES, "sex", complain)
 
-    for i in np.flatnonzero(table["image_path"].isna().to_numpy()):
+    for i in np.flatnonzero(table["image_path"].isna().to_numpy()).tolist():
         complain(i, "image_path is empty; give the image file of this annotation")
 
     box = table[list(BBOX_COLUMNS)].to_numpy(dtype=float)
     has_box = ~np.isnan(box)
-    for i in np.flatnonzero(has_box.any(axis=1) & ~has_box.all(axis=1)):
+    for i in np.flatnonzero(has_box.any(axis=1) & ~has_box.all(axis=1)).tolist():
         complain(i, "box is incomplete; give all of bbox_x, bbox_y, bbox_w, bbox_h or none")
     with np.errstate(invalid="ignore"):
-        for i in np.flatnonzero(has_box.all(axis=1) & ((box[:, 2] <= 0) | (box[:, 3] <= 0))):
+        for i in np.flatnonzero(has_box.all(axis=1) & ((box[:, 2] <= 0) | (box[:, 3] <= 0))).tolist():
             complain(i, f"box width and height must be positive, got {box[i, 2]:g} x {box[i, 3]:g}")
-        for i in np.flatnonzero(has_box.all(axis=1) & ((box[:, 0] < 0) | (box[:, 1] < 0))):
-            complain(i, f"box corner ({box[i, 0]:g}, {box[i, 1]:g}) is negative; boxes are in pixels from the top-left corner")
+        for i in np.flatnonzero(has_box.all(axis=1) & ((box[:, 0] < 0) | (box[:, 1] < 0))).tolist():
+            complain(
+                i,
+                f"box corner ({box[i, 0]:g}, {box[i, 1]:g}) is negative; boxes are in pixels from the top-left corner",
+            )
         lat, lon = table["latitude"].to_numpy(), table["longitude"].to_numpy()
-        for i in np.flatnonzero((np.abs(lat) > 90) | (np.abs(lon) > 180)):
+        for i in np.flatnonzero((np.abs(lat) > 90) | (np.abs(lon) > 180)).tolist():
             complain(i, f"coordinates ({lat[i]:g}, {lon[i]:g}) are outside -90..90 / -180..180 degrees")
 
     missing_id = table["annotation_id"].isna().to_numpy() & table["image_path"].notna().to_numpy()
     if missing_id.any():
         paths = table["image_path"].astype(object)
         rank = paths.groupby(paths).cumcount()
-        derived = [p if k == 0 else f"{p}#{k}" for p, k in zip(paths, rank, strict=True)]
+        # Relative to the images' common folder, so an ID does not depend on where the data lives.
+        root = os.path.commonpath([os.path.dirname(p) for p in paths[missing_id]])
+        names = [Path(os.path.relpath(p, root)).as_posix() if isinstance(p, str) else "" for p in paths]
+        derived = [p if k == 0 else f"{p}#{k}" for p, k in zip(names, rank, strict=True)]
         table.loc[missing_id, "annotation_id"] = pd.array(derived, dtype="string")[missing_id]
     first_row: dict[str, str] = {}
     for i, annotation_id in enumerate(table["annotation_id"]):
         if bad[i] or annotation_id is pd.NA:
             continue
         if annotation_id in first_row:
-            complain(i, f"annotation_id {annotation_id!r} is already used by {first_row[annotation_id]}; IDs must be unique")
+            complain(
+                i, f"annotation_id {annotation_id!r} is already used by {first_row[annotation_id]}; IDs must be unique"
+            )
         else:
             first_row[annotation_id] = where(i)
 
@@ -152,7 +167,9 @@ def validate(table: pd.DataFrame, *, source: str = "catalogue", first_line: int 
     """Return the table normalised; raise CatalogueError listing every bad row."""
     missing = [name for name in REQUIRED_COLUMNS if name not in table.columns]
     if missing:
-        raise CatalogueError(f"{source}: missing required columns {missing}; a catalogue has the columns {list(COLUMN_NAMES)}")
+        raise CatalogueError(
+            f"{source}: missing required columns {missing}; a catalogue has the columns {list(COLUMN_NAMES)}"
+        )
     clean, problems = build_catalogue(table, source=source, first_line=first_line)
     if problems:
         listed = "\n  ".join(str(p) for p in problems[:20])
@@ -202,8 +219,8 @@ def assign_encounters(table: pd.DataFrame, gap_s: float = DEFAULT_ENCOUNTER_GAP_
     ids = pd.Series(pd.NA, index=rows.index, dtype="string")
     timed = rows["station"].notna() & rows["timestamp"].notna()
     for i in rows.index[~timed]:
-        ids[i] = f"image:{rows.at[i, 'image_path']}"
-    # Chain by image, not annotation: two animals in one frame are one event.
+        ids[i] = "image:" + str(rows.at[i, "image_path"])
+    # Two boxes in one frame share its timestamp, so they always fall in one encounter.
     for (country, station), group in rows[timed].groupby([rows["country"].fillna(""), "station"], sort=True):
         group = group.sort_values("timestamp", kind="stable")
         new_event = group["timestamp"].diff().dt.total_seconds().fillna(math.inf) > gap_s
@@ -240,7 +257,7 @@ def _clean_string(value: Any) -> str | None:
 
 
 def _parse_timestamps(values: pd.Series, complain: Any) -> pd.Series:
-    parsed = []
+    parsed: list[pd.Timestamp | NaTType] = []
     for i, value in enumerate(values):
         if isinstance(value, pd.Timestamp | np.datetime64) or hasattr(value, "isoformat"):
             stamp = pd.Timestamp(value)
@@ -258,10 +275,12 @@ def _parse_timestamps(values: pd.Series, complain: Any) -> pd.Series:
             parsed.append(pd.NaT)
             continue
         parsed.append(stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC"))
-    return pd.Series(pd.to_datetime(parsed, utc=True), index=values.index)
+    return pd.Series(pd.to_datetime(pd.Series(parsed, dtype=object), utc=True).to_numpy(), index=values.index)
 
 
-def _normalise_choice(values: pd.Series, allowed: tuple[str, ...], aliases: dict[str, str], name: str, complain: Any) -> pd.Series:
+def _normalise_choice(
+    values: pd.Series, allowed: tuple[str, ...], aliases: dict[str, str], name: str, complain: Any
+) -> pd.Series:
     out = []
     for i, value in enumerate(values):
         key = "" if value is pd.NA else str(value).lower()

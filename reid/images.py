@@ -55,30 +55,28 @@ def read_image(
     image). With `max_side_px` the result is shrunk to fit that size (never enlarged).
     """
     with _open(path, max_pixels) as im:
-        full_w, full_h = im.size
-        orientation = _orientation(im)
-        if orientation in _TRANSPOSED_ORIENTATIONS:
-            full_w, full_h = full_h, full_w
-        crop = _crop_box(path, bbox, margin, full_w, full_h)
+        raw_w = im.size[0]
         if max_side_px is not None and im.format == "JPEG":
-            # Decode at a reduced scale where the crop stays at least max_side_px long.
-            crop_long = max(crop[2] - crop[0], crop[3] - crop[1])
-            scale = crop_long / max_side_px
-            if scale >= 2:
-                im.draft("RGB", (int(im.size[0] / scale) + 1, int(im.size[1] / scale) + 1))
+            _draft(im, path, bbox, margin, max_side_px)
         try:
             im.load()
+            # Read after load: PNG and TIFF keep EXIF after the pixel data.
+            orientation = _orientation(im)
             im = _oriented(im, orientation, path)
             im = _to_rgb(im)
         except (OSError, ValueError, SyntaxError) as err:
-            raise ImageReadError(path, f"file is truncated or corrupt ({err}); re-copy it from the camera card") from err
-        ratio = im.size[0] / full_w
-        if ratio != 1.0:
+            raise ImageReadError(
+                path, f"file is truncated or corrupt ({err}); re-copy it from the camera card"
+            ) from err
+        scale = im.size[0 if orientation not in _TRANSPOSED_ORIENTATIONS else 1] / raw_w
+        full_w, full_h = round(im.size[0] / scale), round(im.size[1] / scale)
+        crop = _crop_box(path, bbox, margin, full_w, full_h)
+        if scale != 1.0:
             crop = (
-                int(crop[0] * ratio),
-                int(crop[1] * ratio),
-                max(int(crop[0] * ratio) + 1, round(crop[2] * ratio)),
-                max(int(crop[1] * ratio) + 1, round(crop[3] * ratio)),
+                int(crop[0] * scale),
+                int(crop[1] * scale),
+                max(int(crop[0] * scale) + 1, min(im.size[0], round(crop[2] * scale))),
+                max(int(crop[1] * scale) + 1, min(im.size[1], round(crop[3] * scale))),
             )
         if crop != (0, 0, im.size[0], im.size[1]):
             im = im.crop(crop)
@@ -87,6 +85,17 @@ def read_image(
             size = (max(1, round(im.size[0] * factor)), max(1, round(im.size[1] * factor)))
             im = im.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
         return np.asarray(im, dtype=np.uint8)
+
+
+def _draft(im: Image.Image, path: str | Path, bbox: Sequence[float] | None, margin: float, max_side_px: int) -> None:
+    """Make a JPEG decode at a reduced scale where the crop still comes out at least max_side_px long."""
+    full_w, full_h = im.size
+    if _orientation(im) in _TRANSPOSED_ORIENTATIONS:
+        full_w, full_h = full_h, full_w
+    left, top, right, bottom = _crop_box(path, bbox, margin, full_w, full_h)
+    scale = max(right - left, bottom - top) / max_side_px
+    if scale >= 2:
+        im.draft("RGB", (int(im.size[0] / scale) + 1, int(im.size[1] / scale) + 1))
 
 
 def _open(path: str | Path, max_pixels: int) -> Image.Image:
@@ -100,7 +109,9 @@ def _open(path: str | Path, max_pixels: int) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             im = Image.open(path)
     except UnidentifiedImageError as err:
-        raise ImageReadError(path, "not an image file PIL can read (JPEG, PNG, TIFF, ...); remove it or convert it") from err
+        raise ImageReadError(
+            path, "not an image file PIL can read (JPEG, PNG, TIFF, ...); remove it or convert it"
+        ) from err
     except Image.DecompressionBombError as err:
         raise ImageReadError(path, f"image is too large to decode safely ({err})") from err
     except OSError as err:
@@ -108,7 +119,8 @@ def _open(path: str | Path, max_pixels: int) -> Image.Image:
     if im.size[0] * im.size[1] > max_pixels:
         im.close()
         raise ImageReadError(
-            path, f"image is {im.size[0]} x {im.size[1]} pixels, over the limit of {max_pixels}; downscale it or raise max_pixels"
+            path,
+            f"image is {im.size[0]} x {im.size[1]} pixels, over the limit of {max_pixels}; downscale it or raise max_pixels",
         )
     if im.size[0] == 0 or im.size[1] == 0:
         im.close()
@@ -119,7 +131,7 @@ def _open(path: str | Path, max_pixels: int) -> Image.Image:
 def _orientation(im: Image.Image) -> int:
     try:
         return int(im.getexif().get(_EXIF_ORIENTATION, 1))
-    except Exception:  # noqa: BLE001 - a broken EXIF block must not lose the picture
+    except Exception:
         return 1
 
 
@@ -128,7 +140,7 @@ def _oriented(im: Image.Image, orientation: int, path: str | Path) -> Image.Imag
         return im
     try:
         return ImageOps.exif_transpose(im)
-    except Exception as err:  # noqa: BLE001 - a broken EXIF block must not lose the picture
+    except Exception as err:
         log.warning("%s: could not apply EXIF orientation %s (%s); using the image as stored", path, orientation, err)
         return im
 
@@ -151,7 +163,9 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def _crop_box(path: str | Path, bbox: Sequence[float] | None, margin: float, width: int, height: int) -> tuple[int, int, int, int]:
+def _crop_box(
+    path: str | Path, bbox: Sequence[float] | None, margin: float, width: int, height: int
+) -> tuple[int, int, int, int]:
     if bbox is None or any(np.isnan(float(v)) for v in bbox):
         return (0, 0, width, height)
     x, y, w, h = (float(v) for v in bbox)
@@ -162,5 +176,7 @@ def _crop_box(path: str | Path, bbox: Sequence[float] | None, margin: float, wid
     left, top = max(0, int(np.floor(x0))), max(0, int(np.floor(y0)))
     right, bottom = min(width, int(np.ceil(x1))), min(height, int(np.ceil(y1)))
     if right - left < 1 or bottom - top < 1:
-        raise ImageReadError(path, f"box {list(bbox)} lies outside the {width} x {height} image; fix the box in the catalogue")
+        raise ImageReadError(
+            path, f"box {list(bbox)} lies outside the {width} x {height} image; fix the box in the catalogue"
+        )
     return (left, top, right, bottom)
