@@ -12,6 +12,7 @@ import math
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -218,8 +219,13 @@ def assign_encounters(table: pd.DataFrame, gap_s: float = DEFAULT_ENCOUNTER_GAP_
     rows = table.loc[todo]
     ids = pd.Series(pd.NA, index=rows.index, dtype="string")
     timed = rows["station"].notna() & rows["timestamp"].notna()
-    for i in rows.index[~timed]:
-        ids[i] = "image:" + str(rows.at[i, "image_path"])
+    untimed = rows.index[~timed]
+    if len(untimed):
+        # Relative to the images' common folder, so the ID does not depend on where the data lives.
+        paths = rows.loc[untimed, "image_path"].astype(str)
+        root = os.path.commonpath([os.path.dirname(p) for p in paths])
+        for i, p in zip(untimed, paths, strict=True):
+            ids[i] = "image:" + Path(os.path.relpath(p, root)).as_posix()
     # Two boxes in one frame share its timestamp, so they always fall in one encounter.
     for (country, station), group in rows[timed].groupby([rows["country"].fillna(""), "station"], sort=True):
         group = group.sort_values("timestamp", kind="stable")
@@ -266,7 +272,8 @@ def _parse_timestamps(values: pd.Series, complain: Any) -> pd.Series:
             continue
         else:
             try:
-                stamp = pd.Timestamp(text)
+                # fromisoformat, not pd.Timestamp: the latter reads "12" or "2021" as a date.
+                stamp = pd.Timestamp(datetime.fromisoformat(text))
             except (ValueError, TypeError):
                 complain(i, value)
                 parsed.append(pd.NaT)

@@ -68,6 +68,7 @@ def test_bad_rows_are_reported_by_row_and_dropped(tmp_path: Path) -> None:
     rows += [
         dict(image_path=str(tmp_path / "d.jpg"), side="lft", source_row="row 5"),
         dict(image_path=str(tmp_path / "e.jpg"), side="left", timestamp="yesterday", source_row="row 6"),
+        dict(image_path=str(tmp_path / "e2.jpg"), side="left", timestamp="12", source_row="row 12"),
         dict(
             image_path=str(tmp_path / "f.jpg"), side="left", bbox_x=1, bbox_y=1, bbox_w=0, bbox_h=5, source_row="row 7"
         ),
@@ -81,6 +82,7 @@ def test_bad_rows_are_reported_by_row_and_dropped(tmp_path: Path) -> None:
     text = [str(p) for p in problems]
     assert any(t.startswith("labels.csv row 5: side 'lft' is not one of left, right, unknown") for t in text)
     assert any("row 6" in t and "ISO 8601" in t for t in text)
+    assert any("row 12" in t and "ISO 8601" in t for t in text)
     assert any("row 7" in t and "positive" in t for t in text)
     assert any("row 8" in t and "incomplete" in t for t in text)
     assert any("row 9" in t and "image_path is empty" in t for t in text)
@@ -178,5 +180,5 @@ def test_encounters_chain_images_of_one_station_within_the_gap() -> None:
     assert enc[3] == "KZ/S1/20210101T000500Z"
     assert enc[4] == "KZ/S2/20210101T000010Z"
     assert enc[5] == "seq-9"
-    assert enc[6] == "image:/x/untimed.jpg"
+    assert enc[6] == "image:untimed.jpg"
     assert assign_encounters(table, gap_s=20)["encounter_id"].nunique() == 7
