@@ -1,0 +1,173 @@
+"""From gallery neighbours to decisions: per-individual scores, encounter pooling,
+calibrated known / review / new thresholds, and provisional new individuals.
+
+Everything here works on plain arrays and tables of scores, whatever produced
+them (embedding cosine similarity, keypoint matches or a fused probability), so
+the same logic serves every matcher.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy.cluster.hierarchy import fcluster, linkage
+from scipy.spatial.distance import squareform
+
+from reid.errors import ReidError
+from reid.files import atomic_write
+
+KNOWN, REVIEW, NEW = "known", "review", "new"
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Score >= `known`: a known individual; score < `new`: a new one; in between: review.
+
+    The error rates are those measured on the calibration data (NaN when not measured).
+    """
+
+    known: float
+    new: float
+    false_new_rate: float = float("nan")
+    false_merge_rate: float = float("nan")
+    review_rate: float = float("nan")
+    n_known_queries: int = 0
+    n_unseen_queries: int = 0
+
+    def __post_init__(self) -> None:
+        if self.new > self.known:
+            raise ReidError(f"threshold new ({self.new}) must not exceed known ({self.known})")
+
+    def decide(self, scores: np.ndarray) -> np.ndarray:
+        """Return the decision ("known", "review" or "new") for each score."""
+        scores = np.asarray(scores, dtype=float)
+        return np.where(scores >= self.known, KNOWN, np.where(scores < self.new, NEW, REVIEW))
+
+    def save(self, path: str | Path) -> None:
+        """Write the thresholds and their error rates as JSON, atomically."""
+        with atomic_write(path) as f:
+            json.dump(asdict(self), f, indent=2)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Thresholds:
+        """Read thresholds written by `save`."""
+        try:
+            data = json.loads(Path(path).read_text())
+            return cls(**data)
+        except (OSError, ValueError, TypeError) as err:
+            raise ReidError(f"{path}: not a thresholds file ({err}); run calibration again") from err
+
+
+def individual_scores(neighbour_scores: np.ndarray, neighbour_individuals: np.ndarray) -> list[dict[str, float]]:
+    """Return, per query, each retrieved individual's score: the best of its gallery entries.
+
+    `neighbour_scores` and `neighbour_individuals` are (Q, k); empty strings mark
+    missing neighbours (FAISS returns fewer than k when the gallery is small).
+    """
+    out = []
+    for scores, individuals in zip(neighbour_scores, neighbour_individuals, strict=True):
+        best: dict[str, float] = {}
+        for score, individual in zip(scores, individuals, strict=True):
+            if individual and float(score) > best.get(individual, -np.inf):
+                best[individual] = float(score)
+        out.append(best)
+    return out
+
+
+def pool_encounter(per_query: list[dict[str, float]]) -> dict[str, float]:
+    """Return one score per individual for queries of one encounter (the same animal).
+
+    The pooled score is the mean over the encounter's queries; a query that did not
+    retrieve an individual contributes its own lowest retrieved score, an upper
+    bound of what it would have given, so one good frame does not decide alone
+    while a missing neighbour is not punished as a zero.
+    """
+    per_query = [q for q in per_query if q]
+    if not per_query:
+        return {}
+    floors = [min(q.values()) for q in per_query]
+    names = sorted({name for q in per_query for name in q})
+    return {
+        name: float(np.mean([q.get(name, floor) for q, floor in zip(per_query, floors, strict=True)])) for name in names
+    }
+
+
+def calibrate(
+    known_top: np.ndarray,
+    known_correct: np.ndarray,
+    unseen_top: np.ndarray,
+    *,
+    max_false_merge: float = 0.05,
+    max_false_new: float = 0.05,
+) -> Thresholds:
+    """Return thresholds chosen on labelled held-out decisions, with their error rates.
+
+    `known_top` are the top pooled scores of queries whose individual is in the
+    gallery (`known_correct`: whether that top individual is the right one);
+    `unseen_top` those of queries whose individual is not. `known` is the lowest
+    threshold that gives at most `max_false_merge` of unseen queries (and of wrong
+    top candidates) a known ID; `new` the highest that calls at most
+    `max_false_new` of known queries new. Where both cannot hold, the review band
+    closes (new = known) and the rates say what was achieved.
+    """
+    known_top = np.asarray(known_top, dtype=float)
+    known_correct = np.asarray(known_correct, dtype=bool)
+    unseen_top = np.asarray(unseen_top, dtype=float)
+    if len(known_top) == 0:
+        raise ReidError("calibration needs queries of individuals that are in the gallery; hold out fewer individuals")
+    # Scores that must not become "known": every unseen query and every known query whose top ID is wrong.
+    impostors = np.sort(np.concatenate([unseen_top, known_top[~known_correct]]))
+    if len(impostors) == 0:
+        t_known = float(known_top.min())
+    else:
+        allowed = int(np.floor(max_false_merge * len(impostors)))
+        # Strictly above the (allowed+1)-th highest impostor score.
+        t_known = float(np.nextafter(impostors[len(impostors) - allowed - 1], np.inf))
+    ordered = np.sort(known_top)
+    allowed_new = int(np.floor(max_false_new * len(ordered)))
+    t_new = float(ordered[allowed_new]) if allowed_new < len(ordered) else float(ordered[-1])
+    t_new = min(t_new, t_known)
+    return evaluate_thresholds(t_known, t_new, known_top, known_correct, unseen_top)
+
+
+def evaluate_thresholds(
+    t_known: float, t_new: float, known_top: np.ndarray, known_correct: np.ndarray, unseen_top: np.ndarray
+) -> Thresholds:
+    """Return `Thresholds` with the error rates they give on these held-out decisions."""
+    known_top, unseen_top = np.asarray(known_top, dtype=float), np.asarray(unseen_top, dtype=float)
+    known_correct = np.asarray(known_correct, dtype=bool)
+    n_all = len(known_top) + len(unseen_top)
+    review = int(
+        ((known_top >= t_new) & (known_top < t_known)).sum() + ((unseen_top >= t_new) & (unseen_top < t_known)).sum()
+    )
+    return Thresholds(
+        known=t_known,
+        new=t_new,
+        false_new_rate=float((known_top < t_new).mean()) if len(known_top) else float("nan"),
+        false_merge_rate=float((unseen_top >= t_known).mean()) if len(unseen_top) else float("nan"),
+        review_rate=review / n_all if n_all else float("nan"),
+        n_known_queries=len(known_top),
+        n_unseen_queries=len(unseen_top),
+    )
+
+
+def group_new_individuals(similarity: np.ndarray, threshold: float) -> np.ndarray:
+    """Return a cluster label per item: items whose average-linkage similarity reaches `threshold` share one.
+
+    `similarity` is a symmetric (N, N) matrix of scores on the same scale as the
+    thresholds, so two unmatched captures become one provisional individual
+    exactly when they would have matched each other as known.
+    """
+    n = len(similarity)
+    if n == 0:
+        return np.zeros(0, dtype=int)
+    if n == 1:
+        return np.zeros(1, dtype=int)
+    sim = (np.asarray(similarity, dtype=float) + np.asarray(similarity, dtype=float).T) / 2
+    distance = np.clip(sim.max() - sim, 0, None)
+    np.fill_diagonal(distance, 0)
+    tree = linkage(squareform(distance, checks=False), method="average")
+    return fcluster(tree, t=sim.max() - threshold, criterion="distance") - 1

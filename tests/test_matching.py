@@ -1,0 +1,87 @@
+"""Decisions from scores: per-individual aggregation, encounter pooling, calibration, new-individual grouping."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from reid.errors import ReidError
+from reid.matching import (
+    Thresholds,
+    calibrate,
+    group_new_individuals,
+    individual_scores,
+    pool_encounter,
+)
+
+
+def test_individual_score_is_the_best_of_its_entries() -> None:
+    scores = np.array([[0.9, 0.8, 0.7, 0.1], [0.5, 0.4, 0.0, 0.0]])
+    ids = np.array([["A", "B", "A", "C"], ["B", "B", "", ""]])
+    assert individual_scores(scores, ids) == [{"A": 0.9, "B": 0.8, "C": 0.1}, {"B": 0.5}]
+
+
+def test_encounter_pooling_averages_and_fills_missing_with_the_query_floor() -> None:
+    pooled = pool_encounter([{"A": 0.9, "B": 0.5}, {"A": 0.7, "C": 0.6}, {}])
+    # B is missing from query 2 (floor 0.6), C from query 1 (floor 0.5).
+    assert pooled == pytest.approx({"A": 0.8, "B": 0.55, "C": 0.55})
+    assert pool_encounter([{}]) == {}
+
+
+def test_thresholds_decide_three_ways() -> None:
+    t = Thresholds(known=0.8, new=0.5)
+    assert t.decide(np.array([0.9, 0.8, 0.79, 0.5, 0.49])).tolist() == ["known", "known", "review", "review", "new"]
+    with pytest.raises(ReidError):
+        Thresholds(known=0.4, new=0.5)
+
+
+def test_calibration_meets_the_error_targets_on_hand_made_scores() -> None:
+    known_top = np.array([0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.62, 0.55, 0.3])
+    known_correct = np.array([True] * 9 + [False])
+    unseen_top = np.array([0.72, 0.6, 0.5, 0.45, 0.4, 0.35, 0.3, 0.25, 0.2, 0.1])
+    t = calibrate(known_top, known_correct, unseen_top, max_false_merge=0.1, max_false_new=0.1)
+    # Impostors: 10 unseen + the wrong 0.3; one of 11 may pass, so "known" sits just above the second highest (0.6).
+    assert t.known == pytest.approx(0.6) and t.known > 0.6
+    # One of 10 known queries may be called new: "new" is the second lowest known score, 0.55.
+    # 0.62 of the known queries lies in the review band.
+    assert t.new == pytest.approx(0.55)
+    assert t.false_new_rate == pytest.approx(0.1)
+    assert t.false_merge_rate == pytest.approx(0.1)  # 0.72 of the unseen
+    assert t.n_known_queries == 10 and t.n_unseen_queries == 10
+
+
+def test_separable_scores_need_no_review_and_overlapping_ones_all_go_to_review() -> None:
+    t = calibrate(
+        np.array([0.9, 0.95]), np.array([True, True]), np.array([0.5, 0.6]), max_false_merge=0.0, max_false_new=0.0
+    )
+    assert t.new == t.known and 0.6 < t.known <= 0.9
+    assert (t.false_new_rate, t.false_merge_rate, t.review_rate) == (0.0, 0.0, 0.0)
+    t = calibrate(
+        np.array([0.5, 0.6]), np.array([True, True]), np.array([0.9, 0.95]), max_false_merge=0.0, max_false_new=0.0
+    )
+    assert (t.false_new_rate, t.false_merge_rate, t.review_rate) == (0.0, 0.0, 1.0)
+
+
+def test_thresholds_round_trip(tmp_path) -> None:
+    t = Thresholds(known=0.8, new=0.5, false_new_rate=0.1, false_merge_rate=0.02, review_rate=0.3, n_known_queries=5)
+    t.save(tmp_path / "t.json")
+    assert Thresholds.load(tmp_path / "t.json") == t
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(ReidError, match="run calibration again"):
+        Thresholds.load(tmp_path / "bad.json")
+
+
+def test_new_captures_group_when_they_would_match_each_other() -> None:
+    sim = np.array(
+        [
+            [1.0, 0.9, 0.2, 0.1],
+            [0.9, 1.0, 0.3, 0.2],
+            [0.2, 0.3, 1.0, 0.85],
+            [0.1, 0.2, 0.85, 1.0],
+        ]
+    )
+    labels = group_new_individuals(sim, threshold=0.8)
+    assert labels[0] == labels[1] and labels[2] == labels[3] and labels[0] != labels[2]
+    assert len(set(group_new_individuals(sim, threshold=0.95))) == 4
+    assert len(set(group_new_individuals(sim, threshold=0.1))) == 1
+    assert group_new_individuals(np.zeros((0, 0)), 0.5).tolist() == []
