@@ -13,11 +13,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.spatial.distance import squareform
 
 from reid.errors import ReidError
 from reid.files import atomic_write
+from reid.gallery import Gallery
 
 KNOWN, REVIEW, NEW = "known", "review", "new"
 
@@ -171,3 +173,142 @@ def group_new_individuals(similarity: np.ndarray, threshold: float) -> np.ndarra
     np.fill_diagonal(distance, 0)
     tree = linkage(squareform(distance, checks=False), method="average")
     return fcluster(tree, t=sim.max() - threshold, criterion="distance") - 1
+
+
+@dataclass
+class MatchResult:
+    """Ranked candidates and decisions for a set of query captures."""
+
+    matches: pd.DataFrame
+    """One row per query and rank: query, rank, individual_id, score, decision, ..."""
+    decisions: pd.DataFrame
+    """One row per query: encounter, decision, assigned_id (known ID or provisional new ID), top score."""
+
+
+def match_captures(
+    gallery: Gallery,
+    queries: pd.DataFrame,
+    embeddings: np.ndarray,
+    thresholds: Thresholds,
+    *,
+    k: int = 50,
+    top_n: int = 5,
+    new_prefix: str = "NEW",
+) -> MatchResult:
+    """Return ranked candidate individuals and a known / review / new decision for every query row.
+
+    Queries are searched against gallery entries of the same side (both sides when
+    the side is unknown). Queries of one encounter are the same animal: their
+    per-individual scores are pooled and they get one decision. Encounters decided
+    "new" are grouped into provisional individuals `<new_prefix>-0001`, ... by the
+    same threshold that makes a match "known".
+    """
+    if len(queries) != len(embeddings):
+        raise ReidError(f"{len(queries)} queries but {len(embeddings)} embeddings")
+    queries = queries.reset_index(drop=True)
+    sides = queries["side"].fillna("unknown").to_numpy(dtype=object)
+    scores, rows = gallery.search(embeddings, sides, k)
+    gallery_ids = gallery.entries["individual_id"].fillna("").to_numpy(dtype=object)
+    neighbour_ids = np.where(rows >= 0, gallery_ids[np.clip(rows, 0, None)], "")
+    per_query = individual_scores(scores, neighbour_ids)
+    best_rows = _best_entries(scores, rows, neighbour_ids)
+    encounters = queries["encounter_id"].fillna("query:" + queries["annotation_id"]).to_numpy(dtype=object)
+
+    decision_rows, match_rows = [], []
+    encounter_order = list(dict.fromkeys(encounters))
+    members = {e: np.flatnonzero(encounters == e) for e in encounter_order}
+    pooled = {e: pool_encounter([per_query[i] for i in members[e]]) for e in encounter_order}
+    top = {e: max(p.values()) if p else -np.inf for e, p in pooled.items()}
+    decided = dict(zip(encounter_order, thresholds.decide(np.array([top[e] for e in encounter_order])), strict=True))
+    new_ids = _provisional_ids(
+        [e for e in encounter_order if decided[e] == NEW], members, embeddings, sides, thresholds, new_prefix
+    )
+
+    for e in encounter_order:
+        ranked = sorted(pooled[e].items(), key=lambda item: (-item[1], item[0]))
+        assigned = ranked[0][0] if decided[e] == KNOWN else new_ids.get(e, "")
+        for i in members[e]:
+            q = queries.iloc[i]
+            decision_rows.append(
+                {
+                    "query": q["annotation_id"],
+                    "image_path": q["image_path"],
+                    "side": q["side"],
+                    "sides_searched": "same side" if q["side"] in ("left", "right") else "both (side unknown)",
+                    "encounter_id": e,
+                    "n_in_encounter": len(members[e]),
+                    "decision": decided[e],
+                    "assigned_id": assigned,
+                    "top_individual": ranked[0][0] if ranked else "",
+                    "top_score": ranked[0][1] if ranked else float("nan"),
+                }
+            )
+            for rank, (individual, score) in enumerate(ranked[:top_n], start=1):
+                evidence = [best_rows[j][individual] for j in members[e] if individual in best_rows[j]]
+                entry = max(evidence)[1] if evidence else -1
+                match_rows.append(
+                    {
+                        "query": q["annotation_id"],
+                        "rank": rank,
+                        "individual_id": individual,
+                        "score": score,
+                        "query_score": per_query[i].get(individual, float("nan")),
+                        "decision": decided[e],
+                        "gallery_row": entry,
+                        "gallery_annotation": gallery.entries["annotation_id"].iat[entry] if entry >= 0 else "",
+                    }
+                )
+    columns = [
+        "query",
+        "rank",
+        "individual_id",
+        "score",
+        "query_score",
+        "decision",
+        "gallery_row",
+        "gallery_annotation",
+    ]
+    matches = pd.DataFrame(match_rows, columns=columns)
+    return MatchResult(matches=matches, decisions=pd.DataFrame(decision_rows))
+
+
+def _best_entries(scores: np.ndarray, rows: np.ndarray, individuals: np.ndarray) -> list[dict[str, tuple[float, int]]]:
+    """Return, per query, each retrieved individual's best (score, gallery row): the picture that shows the match."""
+    out = []
+    for query_scores, query_rows, query_ids in zip(scores, rows, individuals, strict=True):
+        best: dict[str, tuple[float, int]] = {}
+        for score, row, individual in zip(query_scores, query_rows, query_ids, strict=True):
+            if individual and (individual not in best or float(score) > best[individual][0]):
+                best[individual] = (float(score), int(row))
+        out.append(best)
+    return out
+
+
+def _provisional_ids(
+    new_encounters: list[str],
+    members: dict[str, np.ndarray],
+    embeddings: np.ndarray,
+    sides: np.ndarray,
+    thresholds: Thresholds,
+    prefix: str,
+) -> dict[str, str]:
+    """Return a provisional individual ID per new encounter; encounters that would match each other share one."""
+    if not new_encounters:
+        return {}
+    n = len(new_encounters)
+    similarity = np.full((n, n), -np.inf)
+    for a in range(n):
+        for b in range(a, n):
+            ia, ib = members[new_encounters[a]], members[new_encounters[b]]
+            side_a, side_b = set(sides[ia]) - {"unknown"}, set(sides[ib]) - {"unknown"}
+            if side_a and side_b and not side_a & side_b:
+                continue  # a left and a right flank cannot be matched to each other
+            pair = embeddings[ia] @ embeddings[ib].T
+            # The gallery's score logic: each capture's best match in the other encounter, averaged.
+            similarity[a, b] = similarity[b, a] = (pair.max(axis=1).mean() + pair.max(axis=0).mean()) / 2
+    finite = np.isfinite(similarity)
+    # Far below any score, so no average that includes a cannot-link pair reaches the threshold.
+    floor = (similarity[finite].min() if finite.any() else 0.0) - 1e6
+    labels = group_new_individuals(np.where(finite, similarity, floor), thresholds.known)
+    order = {label: k for k, label in enumerate(dict.fromkeys(labels))}
+    return {e: f"{prefix}-{order[label] + 1:04d}" for e, label in zip(new_encounters, labels, strict=True)}
