@@ -215,6 +215,7 @@ def match(
         f"{gallery.entries['individual_id'].nunique()} individuals."
     )
     table = pd.concat([combined.assign(**{c: "all" for c in count_by}), counts], ignore_index=True)
+    table = table[[*count_by, *[c for c in table.columns if c not in count_by]]]
     outcome.files["report"] = write_report(
         out_dir,
         result.decisions,

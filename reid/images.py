@@ -115,7 +115,7 @@ def _open(path: str | Path, max_pixels: int) -> Image.Image:
     except Image.DecompressionBombError as err:
         raise ImageReadError(path, f"image is too large to decode safely ({err})") from err
     except OSError as err:
-        raise ImageReadError(path, f"cannot open the file ({err})") from err
+        raise ImageReadError(path, f"file is truncated or corrupt ({err}); re-copy it from the camera card") from err
     if im.size[0] * im.size[1] > max_pixels:
         im.close()
         raise ImageReadError(
