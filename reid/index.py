@@ -78,6 +78,10 @@ class EmbeddingIndex:
         """Return the embedding dimension D."""
         return int(self._index.d)
 
+    def memory_bytes(self) -> int:
+        """Return the size of the index's data (its serialised form), in bytes."""
+        return int(faiss.serialize_index(self._index).size)
+
     def __len__(self) -> int:
         return int(self._index.ntotal)
 
@@ -129,3 +133,8 @@ def index_checked(array: np.ndarray, dim: int, name: str = "embeddings") -> np.n
     if not np.isfinite(array).all():
         raise ReidError(f"{name} contain NaN or infinite values; check the model that made them")
     return array
+
+
+def set_threads(threads: int) -> None:
+    """Set how many threads FAISS searches with."""
+    faiss.omp_set_num_threads(int(threads))
