@@ -149,7 +149,7 @@ def match(
     *,
     k: int = 50,
     top_n: int = 5,
-    new_prefix: str = "NEW",
+    new_prefix: str | None = None,
     count_by: tuple[str, ...] = ("country",),
     period: str | None = None,
     import_problems: list[Problem] | None = None,
@@ -158,7 +158,8 @@ def match(
     """Match query captures against the gallery and write matches.csv, decisions.csv, counts.json and report.html.
 
     Unreadable queries are listed (decision "unreadable", with the reason) and the
-    run finishes with the rest.
+    run finishes with the rest. New individuals get provisional IDs
+    `<new_prefix>-0001`, ...; by default the queries' country namespace, `KZ-NEW`.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -172,6 +173,9 @@ def match(
     embedded = embed_images(embedder, queries, progress=progress)
     outcome.problems += embedded.problems
     readable = queries[embedded.ok].reset_index(drop=True)
+    if new_prefix is None:
+        countries = set(readable["country"].dropna())
+        new_prefix = f"{countries.pop()}-NEW" if len(countries) == 1 else "NEW"
     result = match_captures(gallery, readable, embedded.embeddings, thresholds, k=k, top_n=top_n, new_prefix=new_prefix)
     failed = queries[~embedded.ok]
     reasons = {p.source: p.message for p in embedded.problems}

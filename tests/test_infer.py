@@ -113,7 +113,7 @@ def test_end_to_end_decisions_and_counts_match_the_truth(tmp_path: Path, embedde
     assert (by_encounter.loc[["q1", "q2", "q3"], "decision"] == "known").all()
     assert (by_encounter.loc[["q4", "q5", "q6"], "decision"] == "new").all()
     new_ids = by_encounter.loc[["q4", "q5", "q6"], "assigned_id"].tolist()
-    assert new_ids[0] == new_ids[1] != new_ids[2] and all(i.startswith("NEW-") for i in new_ids)
+    assert new_ids[0] == new_ids[1] != new_ids[2] and all(i.startswith("KZ-NEW-") for i in new_ids)
 
     # Truth: A is known from both flanks; B, E left-only; C, F right-only. B and F were seen 30 s apart at
     # different stations, so they are two animals; still B-C and E-F can pair: minimum 1 + 4 - 2 = 3, maximum 5.
