@@ -1,0 +1,69 @@
+"""The FAISS index returns what brute-force numpy search returns, and survives a save/load."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from reid.errors import ReidError
+from reid.index import EmbeddingIndex
+
+
+def _unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_search_matches_bruteforce() -> None:
+    rng = np.random.default_rng(0)
+    gallery, queries = _unit(rng, 200, 32), _unit(rng, 15, 32)
+    index = EmbeddingIndex.build(gallery)
+    scores, ids = index.search(queries, 10)
+    expected = queries @ gallery.T
+    order = np.argsort(-expected, axis=1, kind="stable")[:, :10]
+    assert ids.dtype == np.int64 and ids.shape == (15, 10)
+    np.testing.assert_array_equal(ids, order)
+    np.testing.assert_allclose(scores, np.take_along_axis(expected, order, axis=1), atol=1e-5)
+
+
+def test_ids_follow_insertion_order_across_adds() -> None:
+    rng = np.random.default_rng(1)
+    first, second = _unit(rng, 5, 8), _unit(rng, 5, 8)
+    index = EmbeddingIndex(8)
+    index.add(first)
+    index.add(second)
+    _, ids = index.search(second[[3]], 1)
+    assert len(index) == 10 and ids[0, 0] == 8
+
+
+def test_k_is_clipped_to_the_index_size() -> None:
+    rng = np.random.default_rng(2)
+    index = EmbeddingIndex.build(_unit(rng, 3, 4))
+    scores, ids = index.search(_unit(rng, 2, 4), 10)
+    assert scores.shape == ids.shape == (2, 3)
+    empty_scores, empty_ids = EmbeddingIndex(4).search(_unit(rng, 2, 4), 5)
+    assert empty_scores.shape == empty_ids.shape == (2, 0)
+
+
+def test_save_and_load_give_the_same_results(tmp_path) -> None:
+    rng = np.random.default_rng(3)
+    index = EmbeddingIndex.build(_unit(rng, 50, 16))
+    queries = _unit(rng, 4, 16)
+    index.save(tmp_path / "gallery.faiss")
+    loaded = EmbeddingIndex.load(tmp_path / "gallery.faiss")
+    assert loaded.dim == 16 and len(loaded) == 50
+    for a, b in zip(index.search(queries, 5), loaded.search(queries, 5), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_bad_input_is_refused_with_the_shape(tmp_path) -> None:
+    index = EmbeddingIndex(4)
+    with pytest.raises(ReidError, match=r"\(N, 4\)"):
+        index.add(np.zeros((3, 5), np.float32))
+    with pytest.raises(ReidError, match="NaN"):
+        index.add(np.full((1, 4), np.nan, np.float32))
+    with pytest.raises(ReidError, match="not found"):
+        EmbeddingIndex.load(tmp_path / "missing.faiss")
+    (tmp_path / "junk.faiss").write_bytes(b"not an index")
+    with pytest.raises(ReidError, match="not a FAISS index"):
+        EmbeddingIndex.load(tmp_path / "junk.faiss")
