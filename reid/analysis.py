@@ -163,10 +163,11 @@ def match(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if model_fingerprint(embedder) != gallery.embedder_fingerprint:
+    in_use = model_fingerprint(embedder)
+    if in_use != gallery.embedder_fingerprint:
         raise GalleryError(
             f"the gallery was built with embedder {gallery.embedder_fingerprint[:12]}, but the embedder in use is "
-            f"{model_fingerprint(embedder)[:12]}; use the gallery's embedder or rebuild the gallery"
+            f"{in_use[:12]}; use the gallery's embedder or rebuild the gallery"
         )
     queries = queries.reset_index(drop=True)
     outcome = Outcome(problems=list(import_problems or []))
