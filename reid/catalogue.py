@@ -27,6 +27,7 @@ SIDES = ("left", "right", "unknown")
 SEXES = ("female", "male", "unknown")
 BBOX_COLUMNS = ("bbox_x", "bbox_y", "bbox_w", "bbox_h")
 DEFAULT_ENCOUNTER_GAP_S = 60.0
+METRES_PER_DEGREE = 111_320.0  # of latitude, and of longitude at the equator
 
 
 @dataclass(frozen=True)
@@ -204,6 +205,26 @@ def load_catalogue(path: str | Path) -> pd.DataFrame:
     root = path.parent.resolve()
     table["image_path"] = pd.array([str(_resolve(p, root)) for p in table["image_path"]], dtype="string")
     return table
+
+
+def generalise_coordinates(table: pd.DataFrame, precision_deg: float = 0.1) -> tuple[pd.DataFrame, int]:
+    """Return a copy with latitude/longitude rounded to `precision_deg`, and the worst-case error in metres.
+
+    Poaching makes exact camera positions sensitive: shared exports carry rounded
+    coordinates and say how far off they may be (Camtrap DP's `coordinatePrecision`
+    and `coordinateUncertainty`). The error bound is half a step in each direction
+    at the equator, where a degree of longitude is longest.
+    """
+    if not precision_deg > 0:
+        raise CatalogueError(f"coordinate precision must be a positive number of degrees, got {precision_deg}")
+    out = table.copy()
+    decimals = max(0, -math.floor(math.log10(precision_deg)) + 1)
+    for column in ("latitude", "longitude"):
+        if column in out.columns:
+            steps = np.round(out[column].astype(float) / precision_deg)
+            out[column] = (steps * precision_deg).round(decimals)
+    uncertainty_m = math.ceil(math.hypot(precision_deg / 2, precision_deg / 2) * METRES_PER_DEGREE)
+    return out, uncertainty_m
 
 
 def assign_encounters(table: pd.DataFrame, gap_s: float = DEFAULT_ENCOUNTER_GAP_S) -> pd.DataFrame:

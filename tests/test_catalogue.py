@@ -11,6 +11,7 @@ from reid.catalogue import (
     COLUMN_NAMES,
     assign_encounters,
     build_catalogue,
+    generalise_coordinates,
     load_catalogue,
     save_catalogue,
     validate,
@@ -182,3 +183,15 @@ def test_encounters_chain_images_of_one_station_within_the_gap() -> None:
     assert enc[5] == "seq-9"
     assert enc[6] == "image:untimed.jpg"
     assert assign_encounters(table, gap_s=20)["encounter_id"].nunique() == 7
+
+
+def test_generalise_coordinates_rounds_to_the_precision_and_bounds_the_error():
+    table = pd.DataFrame({"latitude": [43.2687, 43.35, None], "longitude": [54.0449, -0.04, 55.0]})
+    rounded, uncertainty_m = generalise_coordinates(table, 0.1)
+    assert rounded["latitude"].tolist()[:2] == [43.3, 43.4]
+    assert rounded["longitude"].tolist() == [54.0, -0.0, 55.0]
+    assert pd.isna(rounded["latitude"].iat[2])
+    # Half a step of 0.1 degree in both directions at the equator: hypot(0.05, 0.05) * 111,320 m.
+    assert uncertainty_m == 7872
+    assert (abs(rounded["latitude"] - table["latitude"]).dropna() <= 0.05 + 1e-9).all()
+    assert table["latitude"].iat[0] == 43.2687  # the input is not changed
