@@ -27,7 +27,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from reid import analysis
 from reid.errors import Problem, ReidError, report
+from reid.fusion import ScoreFusion
 from reid.gallery import Gallery
+from reid.keypoints import KeypointConfig
 from reid.models import model_fingerprint
 
 log = logging.getLogger("infer")
@@ -59,6 +61,9 @@ def run(cfg: DictConfig, run_dir: Path) -> tuple[dict[str, Path], list[Problem]]
     )
     calibration = OmegaConf.to_container(cfg.calibration)
     use_gallery = calibration.pop("use_gallery")  # type: ignore[union-attr]
+    calibration["calibration_method"] = cfg.scoring.calibration  # type: ignore[index]
+    keypoints = KeypointConfig.from_dict(OmegaConf.to_container(cfg.keypoints)) if cfg.keypoints else None
+    scoring = ScoreFusion(cfg.scoring.method, cfg.scoring.shortlist)
     if cfg.mode == "count":
         table, problems = analysis.load_source(instantiate(cfg.data.source))
         counts = analysis.count_catalogue(table, by=tuple(cfg.count_by), period=cfg.period)
@@ -73,6 +78,8 @@ def run(cfg: DictConfig, run_dir: Path) -> tuple[dict[str, Path], list[Problem]]
             unseen_fraction=cfg.demo.unseen_fraction,
             query_fraction=cfg.demo.query_fraction,
             index_kind=cfg.index_kind,
+            keypoints=keypoints,
+            scoring=scoring,
             calibration=calibration,
             progress=cfg.progress,
             **matching,
@@ -81,13 +88,21 @@ def run(cfg: DictConfig, run_dir: Path) -> tuple[dict[str, Path], list[Problem]]
         return outcome.files, problems + outcome.problems
     if cfg.mode == "build":
         table, problems = analysis.load_source(instantiate(cfg.data.source))
-        _, more = analysis.build_gallery(table, embedder, cfg.gallery, index_kind=cfg.index_kind, progress=cfg.progress)
+        _, more = analysis.build_gallery(
+            table, embedder, cfg.gallery, index_kind=cfg.index_kind, keypoints=keypoints, progress=cfg.progress
+        )
         return {"gallery": Path(cfg.gallery)}, problems + more
     gallery = Gallery.load(cfg.gallery, embedder_fingerprint=model_fingerprint(embedder))
     if cfg.mode == "calibrate":
         labelled, problems = (None, []) if use_gallery else analysis.load_source(instantiate(cfg.data.source))
         thresholds, scores, more = analysis.calibrate_gallery(
-            gallery, cfg.gallery, labelled=labelled, embedder=embedder, progress=cfg.progress, **calibration
+            gallery,
+            cfg.gallery,
+            labelled=labelled,
+            embedder=embedder,
+            scoring=scoring,
+            progress=cfg.progress,
+            **calibration,
         )
         print(thresholds)
         return {

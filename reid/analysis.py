@@ -15,15 +15,33 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from PIL import Image
 from tqdm import tqdm
 
-from reid.catalogue import COLUMN_NAMES, load_catalogue, validate
+from reid.catalogue import BBOX_COLUMNS, COLUMN_NAMES, load_catalogue, validate
 from reid.census import count_individuals
 from reid.errors import Problem, ReidError, log
 from reid.files import atomic_write, sha256_file
+from reid.fusion import FUSION_FILE, KEYPOINTS_FILE, CalibrationMethod, FusedScorer, ScoreFusion, fit_calibration
 from reid.gallery import Gallery, GalleryError
+from reid.images import ImageReadError
 from reid.importers import ImportResult
 from reid.index import IndexKind
+from reid.keypoints import (
+    Features,
+    KeypointConfig,
+    draw_correspondences,
+    extract,
+    extract_rows,
+    features_from_bytes,
+    features_to_bytes,
+)
+from reid.keypoints import (
+    match as match_keypoints,
+)
+from reid.keypoints import (
+    read_crop as read_keypoint_crop,
+)
 from reid.matching import KNOWN, NEW, MatchResult, Thresholds, calibrate, match_captures
 from reid.models import CONFIG_FILE as EMBEDDER_CONFIG_FILE
 from reid.models import Embedder, create_embedder, embed_images, export_embedder, load_embedder, model_fingerprint
@@ -48,6 +66,7 @@ def build_gallery(
     gallery_dir: str | Path,
     *,
     index_kind: IndexKind = "flat",
+    keypoints: KeypointConfig | None = None,
     batch_size: int = 64,
     progress: bool = True,
 ) -> tuple[Gallery, list[Problem]]:
@@ -55,7 +74,9 @@ def build_gallery(
 
     An existing gallery is extended, never rebuilt: it must have been built with
     the same embedder. Rows without an individual, unreadable images and images
-    already enrolled are reported and skipped.
+    already enrolled are reported and skipped. With `keypoints`, every entry's
+    keypoint features are computed once and stored with the gallery; a gallery
+    that has features keeps extending them with its own settings.
     """
     fingerprint = model_fingerprint(embedder)
     gallery_dir = Path(gallery_dir)
@@ -82,7 +103,15 @@ def build_gallery(
     embedded = rows[fresh][result.ok]
     chosen = [h for h, f in zip(hashes, fresh, strict=True) if f]
     chosen = [h for h, ok in zip(chosen, result.ok, strict=True) if ok]
+    n_before = len(gallery)
     problems += gallery.add(embedded, result.embeddings, chosen)
+    stored = gallery_keypoints(gallery, expected=n_before)
+    if stored is not None or keypoints is not None:
+        features, config = stored if stored is not None else ([], keypoints)
+        assert config is not None
+        added, more = extract_rows(gallery.entries.iloc[n_before:], config, progress=progress)
+        problems += more
+        gallery.extra_files[KEYPOINTS_FILE] = features_to_bytes([*features, *added], config)
     n_dup = int((~fresh).sum())
     if n_dup:
         problems.append(Problem(str(gallery_dir), "", f"{n_dup} images already in the gallery were skipped"))
@@ -94,38 +123,50 @@ def calibrate_thresholds(
     labelled: pd.DataFrame,
     embeddings: np.ndarray,
     *,
+    features: list[Features] | None = None,
+    keypoint_config: KeypointConfig | None = None,
+    scoring: ScoreFusion | None = None,
+    calibration_method: CalibrationMethod = "logistic",
     unseen_fraction: float = 0.3,
     test_fraction: float = 0.3,
     max_false_merge: float = 0.05,
     max_false_new: float = 0.05,
     k: int = 50,
     seed: int = 0,
-) -> tuple[Thresholds, pd.DataFrame]:
-    """Return thresholds chosen on labelled rows with their (N, D) embeddings, and the per-encounter scores used.
+    progress: bool = False,
+) -> tuple[Thresholds, pd.DataFrame, ScoreFusion]:
+    """Return thresholds chosen on labelled rows, the per-encounter scores used, and the fitted score fusion.
 
     The rows are split open-set (some individuals only among the queries); a
     gallery of the reference part is searched with the query part, exactly as
-    `match` does, and the thresholds meet the error targets there.
+    `match` does, and the thresholds meet the error targets there. With keypoint
+    `features` (aligned with the rows) and a `scoring` that uses them, each
+    matcher's score is first calibrated to P(same individual) on the shortlisted
+    pairs of one split, and the thresholds are then chosen on another split, so
+    neither step is judged on the data it was fitted to.
     """
+    scoring = ScoreFusion() if scoring is None else ScoreFusion(scoring.method, scoring.shortlist)
     keep = labelled["individual_id"].notna().to_numpy()
     labelled, embeddings = labelled[keep].reset_index(drop=True), embeddings[keep]
-    split = split_catalogue(
-        labelled, "open_set", test_fraction=test_fraction, unseen_fraction=unseen_fraction, seed=seed
+    if features is not None:
+        features = [f for f, kept in zip(features, keep, strict=True) if kept]
+    options: dict[str, Any] = dict(test_fraction=test_fraction, unseen_fraction=unseen_fraction, k=k, progress=progress)
+    if scoring.uses_keypoints:
+        if features is None or keypoint_config is None:
+            raise ReidError(
+                f"score method {scoring.method} needs keypoint features: build the gallery with keypoints enabled"
+            )
+        pairs = _shortlist_pairs(labelled, embeddings, features, keypoint_config, scoring, seed=seed, **options)
+        same = pairs["same"].to_numpy()
+        scoring.keypoints = fit_calibration(
+            pairs["inliers"].to_numpy(), same, method=calibration_method, log_scale=True
+        )
+        if scoring.method == "fused":
+            scoring.embedding = fit_calibration(pairs["cosine"].to_numpy(), same, method=calibration_method)
+        seed += 1
+    per_encounter = _decisions_on_split(
+        labelled, embeddings, features, keypoint_config, scoring, Thresholds(np.inf, np.inf), seed=seed, **options
     )
-    reference, queries = (split == "train").to_numpy(), (split == "test").to_numpy()
-    if not reference.any() or not queries.any():
-        raise ReidError("calibration needs labelled individuals with several encounters; add more labelled data")
-    gallery = Gallery.empty("calibration", embeddings.shape[1])
-    # An in-memory gallery: annotation IDs serve as content keys, no file is hashed.
-    gallery.add(labelled[reference], embeddings[reference], list(labelled.loc[reference, "annotation_id"]))
-    # Thresholds that are never reached: every encounter keeps its raw top score.
-    result = match_captures(gallery, labelled[queries], embeddings[queries], Thresholds(np.inf, np.inf), k=k)
-    per_encounter = result.decisions.drop_duplicates("encounter_id").merge(
-        labelled[["annotation_id", "individual_id"]], left_on="query", right_on="annotation_id"
-    )
-    enrolled = set(labelled.loc[reference, "individual_id"])
-    per_encounter["in_gallery"] = per_encounter["individual_id"].isin(enrolled)
-    per_encounter["top_correct"] = per_encounter["top_individual"] == per_encounter["individual_id"]
     top = per_encounter["top_score"].fillna(-np.inf).to_numpy()
     known = per_encounter["in_gallery"].to_numpy()
     thresholds = calibrate(
@@ -135,9 +176,147 @@ def calibrate_thresholds(
         max_false_merge=max_false_merge,
         max_false_new=max_false_new,
     )
-    return thresholds, per_encounter[
-        ["encounter_id", "individual_id", "in_gallery", "top_individual", "top_score", "top_correct"]
-    ]
+    return thresholds, per_encounter, scoring
+
+
+def _open_set_split(
+    labelled: pd.DataFrame, *, test_fraction: float, unseen_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Return (reference, query) masks of an open-set split of labelled rows."""
+    split = split_catalogue(
+        labelled, "open_set", test_fraction=test_fraction, unseen_fraction=unseen_fraction, seed=seed
+    )
+    reference, queries = (split == "train").to_numpy(), (split == "test").to_numpy()
+    if not reference.any() or not queries.any():
+        raise ReidError("calibration needs labelled individuals with several encounters; add more labelled data")
+    return reference, queries
+
+
+def _reference_gallery(labelled: pd.DataFrame, embeddings: np.ndarray, reference: np.ndarray) -> Gallery:
+    gallery = Gallery.empty("calibration", embeddings.shape[1])
+    # An in-memory gallery: annotation IDs serve as content keys, no file is hashed.
+    gallery.add(labelled[reference], embeddings[reference], list(labelled.loc[reference, "annotation_id"]))
+    return gallery
+
+
+def _scorer(
+    scoring: ScoreFusion,
+    query_embeddings: np.ndarray,
+    gallery_embeddings: np.ndarray,
+    query_features: list[Features] | None,
+    gallery_features: list[Features] | None,
+    keypoint_config: KeypointConfig | None,
+    progress: bool,
+) -> FusedScorer:
+    return FusedScorer(
+        scoring,
+        query_embeddings,
+        gallery_embeddings,
+        query_features if scoring.uses_keypoints else None,
+        gallery_features if scoring.uses_keypoints else None,
+        keypoint_config,
+        progress=progress,
+    )
+
+
+def _subset(features: list[Features] | None, mask: np.ndarray) -> list[Features] | None:
+    return None if features is None else [f for f, m in zip(features, mask, strict=True) if m]
+
+
+def _shortlist_pairs(
+    labelled: pd.DataFrame,
+    embeddings: np.ndarray,
+    features: list[Features],
+    keypoint_config: KeypointConfig,
+    scoring: ScoreFusion,
+    *,
+    test_fraction: float,
+    unseen_fraction: float,
+    k: int,
+    seed: int,
+    progress: bool,
+) -> pd.DataFrame:
+    """Return the (query, shortlisted gallery entry) pairs of an open-set split with cosine, inliers and same."""
+    reference, queries = _open_set_split(
+        labelled, test_fraction=test_fraction, unseen_fraction=unseen_fraction, seed=seed
+    )
+    gallery = _reference_gallery(labelled, embeddings, reference)
+    raw = ScoreFusion("keypoints", scoring.shortlist)
+    scorer = _scorer(
+        raw,
+        embeddings[queries],
+        gallery.embeddings,
+        _subset(features, queries),
+        _subset(features, reference),
+        keypoint_config,
+        progress,
+    )
+    sides = labelled.loc[queries, "side"].fillna("unknown").to_numpy(dtype=object)
+    cosine, rows = gallery.search(embeddings[queries], sides, scoring.shortlist)
+    inliers = scorer.rescore(cosine, rows)
+    valid = rows >= 0
+    query_ids = labelled.loc[queries, "individual_id"].to_numpy(dtype=object)
+    gallery_ids = gallery.entries["individual_id"].to_numpy(dtype=object)
+    return pd.DataFrame(
+        {
+            "cosine": cosine[valid],
+            "inliers": inliers[valid],
+            "same": (gallery_ids[rows[valid]] == np.broadcast_to(query_ids[:, None], rows.shape)[valid]),
+        }
+    )
+
+
+def _decisions_on_split(
+    labelled: pd.DataFrame,
+    embeddings: np.ndarray,
+    features: list[Features] | None,
+    keypoint_config: KeypointConfig | None,
+    scoring: ScoreFusion,
+    thresholds: Thresholds,
+    *,
+    test_fraction: float,
+    unseen_fraction: float,
+    k: int,
+    seed: int,
+    progress: bool,
+) -> pd.DataFrame:
+    """Return one row per query encounter of an open-set split: truth, whether enrolled, top candidate and score."""
+    reference, queries = _open_set_split(
+        labelled, test_fraction=test_fraction, unseen_fraction=unseen_fraction, seed=seed
+    )
+    gallery = _reference_gallery(labelled, embeddings, reference)
+    scorer = _scorer(
+        scoring,
+        embeddings[queries],
+        gallery.embeddings,
+        _subset(features, queries),
+        _subset(features, reference),
+        keypoint_config,
+        progress,
+    )
+    # Thresholds that are never reached: every encounter keeps its raw top score.
+    result = match_captures(gallery, labelled[queries], embeddings[queries], thresholds, k=k, scorer=scorer)
+    per_encounter = result.decisions.drop_duplicates("encounter_id").merge(
+        labelled[["annotation_id", "individual_id"]], left_on="query", right_on="annotation_id"
+    )
+    per_encounter["in_gallery"] = per_encounter["individual_id"].isin(set(labelled.loc[reference, "individual_id"]))
+    per_encounter["top_correct"] = per_encounter["top_individual"] == per_encounter["individual_id"]
+    return per_encounter[["encounter_id", "individual_id", "in_gallery", "top_individual", "top_score", "top_correct"]]
+
+
+def gallery_keypoints(gallery: Gallery, *, expected: int | None = None) -> tuple[list[Features], KeypointConfig] | None:
+    """Return the gallery's stored keypoint features (one per entry) and their settings, or None if it has none."""
+    data = gallery.extra_files.get(KEYPOINTS_FILE)
+    if data is None:
+        return None
+    features, config = features_from_bytes(data)
+    n = len(gallery) if expected is None else expected
+    if len(features) != n:
+        raise GalleryError(
+            f"the gallery's {KEYPOINTS_FILE} has features of {len(features)} entries, but it has {n}; rebuild the "
+            "gallery (`python infer.py mode=build`)"
+        )
+    return features, config
 
 
 def match(
@@ -152,6 +331,8 @@ def match(
     new_prefix: str | None = None,
     count_by: tuple[str, ...] = ("country",),
     period: str | None = None,
+    scoring: ScoreFusion | None = None,
+    evidence: bool = True,
     import_problems: list[Problem] | None = None,
     progress: bool = True,
 ) -> tuple[MatchResult, Outcome]:
@@ -160,6 +341,9 @@ def match(
     Unreadable queries are listed (decision "unreadable", with the reason) and the
     run finishes with the rest. New individuals get provisional IDs
     `<new_prefix>-0001`, ...; by default the queries' country namespace, `KZ-NEW`.
+    `scoring` defaults to the gallery's calibrated one (`scoring_of`); with
+    keypoints and `evidence`, the report shows each candidate's verified
+    correspondences.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -177,7 +361,29 @@ def match(
     if new_prefix is None:
         countries = set(readable["country"].dropna())
         new_prefix = f"{countries.pop()}-NEW" if len(countries) == 1 else "NEW"
-    result = match_captures(gallery, readable, embedded.embeddings, thresholds, k=k, top_n=top_n, new_prefix=new_prefix)
+    scoring = scoring_of(gallery) if scoring is None else scoring
+    stored = gallery_keypoints(gallery) if scoring.uses_keypoints else None
+    if scoring.uses_keypoints and stored is None:
+        raise ReidError(
+            f"score method {scoring.method} needs the gallery's keypoint features; rebuild it with keypoints enabled"
+        )
+    query_features, keypoint_config = None, None
+    if stored is not None:
+        keypoint_config = stored[1]
+        query_features, more = extract_rows(readable, keypoint_config, progress=progress)
+        outcome.problems += more
+    scorer = _scorer(
+        scoring,
+        embedded.embeddings,
+        gallery.embeddings,
+        query_features,
+        stored[0] if stored else None,
+        keypoint_config,
+        progress,
+    )
+    result = match_captures(
+        gallery, readable, embedded.embeddings, thresholds, k=k, top_n=top_n, new_prefix=new_prefix, scorer=scorer
+    )
     failed = queries[~embedded.ok]
     reasons = {p.source: p.message for p in embedded.problems}
     unreadable = pd.DataFrame(
@@ -194,7 +400,7 @@ def match(
     matches = matches.drop(columns="annotation_id")
     matches = pd.concat([matches, unreadable[["query", "image_path", "decision", "reason"]]], ignore_index=True)
 
-    captures = _identified_captures(readable, result.decisions)
+    captures = identified_captures(readable, result.decisions)
     counts = count_individuals(captures, by=list(count_by), period=period, known_sides=gallery.entries)
     combined = count_individuals(captures, known_sides=gallery.entries)
     n_review = int((result.decisions["decision"] == "review").sum())
@@ -221,6 +427,13 @@ def match(
     )
     table = pd.concat([combined.assign(**{c: "all" for c in count_by}), counts], ignore_index=True)
     table = table[[*count_by, *[c for c in table.columns if c not in count_by]]]
+    pictures = {}
+    if evidence and keypoint_config is not None:
+        # The report shows each encounter's first picture against its candidates.
+        first = result.matches["query"].isin(set(result.decisions.drop_duplicates("encounter_id")["query"]))
+        pictures = _correspondence_pictures(
+            out_dir, result.matches[first], readable, gallery, keypoint_config, outcome.problems
+        )
     outcome.files["report"] = write_report(
         out_dir,
         result.decisions,
@@ -231,11 +444,55 @@ def match(
         thresholds=thresholds,
         problems=outcome.problems,
         summary=summary,
+        evidence=pictures,
+        score_label=scoring.method,
     )
     return MatchResult(matches=matches, decisions=decisions), outcome
 
 
-def _identified_captures(queries: pd.DataFrame, decisions: pd.DataFrame) -> pd.DataFrame:
+EVIDENCE_DIR = "evidence"
+
+
+def _correspondence_pictures(
+    out_dir: Path,
+    matches: pd.DataFrame,
+    queries: pd.DataFrame,
+    gallery: Gallery,
+    config: KeypointConfig,
+    problems: list[Problem],
+) -> dict[tuple[str, int], str]:
+    """Draw the verified keypoint correspondences of each shown (query, gallery entry) pair; return their paths."""
+    (out_dir / EVIDENCE_DIR).mkdir(exist_ok=True)
+    position = {str(a): i for i, a in enumerate(queries["annotation_id"])}
+    crops: dict[tuple[str, Any], np.ndarray | None] = {}
+
+    def crop(row: pd.Series, key: tuple[str, Any]) -> np.ndarray | None:
+        if key not in crops:
+            box = row[list(BBOX_COLUMNS)].to_numpy(dtype=float)
+            try:
+                bbox = None if np.isnan(box).any() else box.tolist()
+                crops[key] = read_keypoint_crop(str(row["image_path"]), bbox, config)
+            except ImageReadError as err:
+                problems.append(Problem(err.path, "correspondences", err.reason))
+                crops[key] = None
+        return crops[key]
+
+    pictures = {}
+    shown = matches[matches["gallery_row"] >= 0]
+    pairs = shown[["query", "gallery_row"]].drop_duplicates()
+    for n, (query, row) in enumerate(zip(pairs["query"].astype(str), pairs["gallery_row"].astype(int), strict=True)):
+        query_crop = crop(queries.iloc[position[query]], ("q", query))
+        gallery_crop = crop(gallery.entries.iloc[row], ("g", row))
+        if query_crop is None or gallery_crop is None:
+            continue
+        found = match_keypoints(extract(query_crop, config), extract(gallery_crop, config), config)
+        relative = f"{EVIDENCE_DIR}/pair{n:05d}.jpg"
+        Image.fromarray(draw_correspondences(query_crop, gallery_crop, found)).save(out_dir / relative, quality=85)
+        pictures[(query, row)] = relative
+    return pictures
+
+
+def identified_captures(queries: pd.DataFrame, decisions: pd.DataFrame) -> pd.DataFrame:
     """Return the query rows with individual_id set to their decided ID (known or provisional new); review rows dropped."""
     decided = decisions.set_index("query")
     keep = decided["decision"].isin([KNOWN, NEW])
@@ -286,20 +543,36 @@ def thresholds_of(gallery: Gallery) -> Thresholds:
     return Thresholds(**json.loads(data))
 
 
+def scoring_of(gallery: Gallery) -> ScoreFusion:
+    """Return the score fusion calibrated for this gallery (embedding alone if none was stored)."""
+    data = gallery.extra_files.get(FUSION_FILE)
+    return ScoreFusion() if data is None else ScoreFusion.from_json(data)
+
+
 def calibrate_gallery(
     gallery: Gallery,
     gallery_dir: str | Path,
     *,
     labelled: pd.DataFrame | None = None,
     embedder: Embedder | None = None,
+    scoring: ScoreFusion | None = None,
     progress: bool = True,
     **options: Any,
 ) -> tuple[Thresholds, pd.DataFrame, list[Problem]]:
-    """Calibrate thresholds on the gallery's own entries (or on `labelled` data) and save them with the gallery.
+    """Calibrate the scores and thresholds on the gallery's own entries (or on `labelled` data); save them with it.
 
-    Returns the thresholds, the per-encounter scores they were chosen on, and problems.
+    `scoring` says which scores decide (embedding, keypoints or fused, and the
+    shortlist); its calibrations are fitted here. Returns the thresholds, the
+    per-encounter scores they were chosen on, and problems.
     """
     problems: list[Problem] = []
+    scoring = scoring or ScoreFusion()
+    stored = gallery_keypoints(gallery) if scoring.uses_keypoints else None
+    if scoring.uses_keypoints and stored is None:
+        raise ReidError(
+            f"score method {scoring.method} needs keypoint features: rebuild the gallery with keypoints enabled"
+        )
+    features, keypoint_config = stored if stored is not None else (None, None)
     if labelled is None:
         rows, embeddings = gallery.entries, gallery.embeddings
     else:
@@ -308,8 +581,20 @@ def calibrate_gallery(
         result = embed_images(embedder, labelled, progress=progress)
         problems += result.problems
         rows, embeddings = labelled[result.ok].reset_index(drop=True), result.embeddings
-    thresholds, scores = calibrate_thresholds(rows, embeddings, **options)
+        if keypoint_config is not None:
+            features, more = extract_rows(rows, keypoint_config, progress=progress)
+            problems += more
+    thresholds, scores, fitted = calibrate_thresholds(
+        rows,
+        embeddings,
+        features=features,
+        keypoint_config=keypoint_config,
+        scoring=scoring,
+        progress=progress,
+        **options,
+    )
     gallery.extra_files[THRESHOLDS_FILE] = json.dumps(asdict(thresholds), indent=2).encode()
+    gallery.extra_files[FUSION_FILE] = fitted.to_json().encode()
     gallery.save(gallery_dir)
     return thresholds, scores, problems
 
@@ -351,6 +636,8 @@ def run_demo(
     query_fraction: float = 0.3,
     seed: int = 0,
     index_kind: IndexKind = "flat",
+    keypoints: KeypointConfig | None = None,
+    scoring: ScoreFusion | None = None,
     calibration: dict[str, Any] | None = None,
     progress: bool = True,
     **match_options: Any,
@@ -367,8 +654,12 @@ def run_demo(
     reference = population[(split == "train").to_numpy()].reset_index(drop=True)
     queries = population[(split == "test").to_numpy()].reset_index(drop=True)
     gallery_dir = run_dir / "gallery"
-    gallery, problems = build_gallery(reference, embedder, gallery_dir, index_kind=index_kind, progress=progress)
-    thresholds, _, more = calibrate_gallery(gallery, gallery_dir, progress=progress, **(calibration or {}))
+    gallery, problems = build_gallery(
+        reference, embedder, gallery_dir, index_kind=index_kind, keypoints=keypoints, progress=progress
+    )
+    thresholds, _, more = calibrate_gallery(
+        gallery, gallery_dir, scoring=scoring, progress=progress, **(calibration or {})
+    )
     result, outcome = match(
         queries,
         embedder,
@@ -382,7 +673,9 @@ def run_demo(
     counts = json.loads(outcome.files["counts"].read_text())["combined"]
     truth = evaluate_against_truth(result.decisions, queries, set(gallery.entries["individual_id"]), counts)
     with atomic_write(run_dir / "evaluation.json") as f:
-        json.dump({"thresholds": asdict(thresholds), "truth": truth}, f, indent=2)
+        json.dump(
+            {"scoring": scoring_of(gallery).method, "thresholds": asdict(thresholds), "truth": truth}, f, indent=2
+        )
     outcome.files["evaluation"] = run_dir / "evaluation.json"
     outcome.files["gallery"] = gallery_dir
     return result, outcome, truth

@@ -19,6 +19,7 @@ from scipy.spatial.distance import squareform
 
 from reid.errors import ReidError
 from reid.files import atomic_write
+from reid.fusion import FusedScorer, ScoreFusion
 from reid.gallery import Gallery
 
 KNOWN, REVIEW, NEW = "known", "review", "new"
@@ -194,11 +195,14 @@ def match_captures(
     k: int = 50,
     top_n: int = 5,
     new_prefix: str = "NEW",
+    scorer: FusedScorer | None = None,
 ) -> MatchResult:
     """Return ranked candidate individuals and a known / review / new decision for every query row.
 
     Queries are searched against gallery entries of the same side (both sides when
-    the side is unknown). Queries of one encounter are the same animal: their
+    the side is unknown). `scorer` turns the embedding neighbours into final
+    scores (by default the cosine similarity of the `k` nearest; with keypoints,
+    its shortlist re-scored). Queries of one encounter are the same animal: their
     per-individual scores are pooled and they get one decision. Encounters decided
     "new" are grouped into provisional individuals `<new_prefix>-0001`, ... by the
     same threshold that makes a match "known".
@@ -206,8 +210,14 @@ def match_captures(
     if len(queries) != len(embeddings):
         raise ReidError(f"{len(queries)} queries but {len(embeddings)} embeddings")
     queries = queries.reset_index(drop=True)
+    scorer = scorer or FusedScorer(ScoreFusion(), embeddings, gallery.embeddings)
     sides = queries["side"].fillna("unknown").to_numpy(dtype=object)
-    scores, rows = gallery.search(embeddings, sides, k)
+    cosine, rows = gallery.search(embeddings, sides, scorer.depth if scorer.fusion.uses_keypoints else k)
+    scores = scorer.rescore(cosine, rows)
+    # Re-scored candidates are re-ranked; equal scores keep the embedding's order.
+    order = np.argsort(-scores, axis=1, kind="stable")
+    scores, rows = np.take_along_axis(scores, order, axis=1), np.take_along_axis(rows, order, axis=1)
+    rows = np.where(np.isfinite(scores), rows, -1)
     gallery_ids = gallery.entries["individual_id"].fillna("").to_numpy(dtype=object)
     neighbour_ids = np.where(rows >= 0, gallery_ids[np.clip(rows, 0, None)], "")
     per_query = individual_scores(scores, neighbour_ids)
@@ -221,7 +231,7 @@ def match_captures(
     top = {e: max(p.values()) if p else -np.inf for e, p in pooled.items()}
     decided = dict(zip(encounter_order, thresholds.decide(np.array([top[e] for e in encounter_order])), strict=True))
     new_ids = _provisional_ids(
-        [e for e in encounter_order if decided[e] == NEW], members, embeddings, sides, thresholds, new_prefix
+        [e for e in encounter_order if decided[e] == NEW], members, scorer, sides, thresholds, new_prefix
     )
 
     for e in encounter_order:
@@ -287,7 +297,7 @@ def _best_entries(scores: np.ndarray, rows: np.ndarray, individuals: np.ndarray)
 def _provisional_ids(
     new_encounters: list[str],
     members: dict[str, np.ndarray],
-    embeddings: np.ndarray,
+    scorer: FusedScorer,
     sides: np.ndarray,
     thresholds: Thresholds,
     prefix: str,
@@ -303,7 +313,7 @@ def _provisional_ids(
             side_a, side_b = set(sides[ia]) - {"unknown"}, set(sides[ib]) - {"unknown"}
             if side_a and side_b and not side_a & side_b:
                 continue  # a left and a right flank cannot be matched to each other
-            pair = embeddings[ia] @ embeddings[ib].T
+            pair = scorer.similarity(ia, ib)
             # The gallery's score logic: each capture's best match in the other encounter, averaged.
             similarity[a, b] = similarity[b, a] = (pair.max(axis=1).mean() + pair.max(axis=0).mean()) / 2
     finite = np.isfinite(similarity)

@@ -55,20 +55,49 @@ def ranked_metrics(
 
 
 def retrieval_metrics(
-    scores: np.ndarray, query_labels: np.ndarray, gallery_labels: np.ndarray, topk: Sequence[int] = DEFAULT_TOPK
+    scores: np.ndarray,
+    query_labels: np.ndarray,
+    gallery_labels: np.ndarray,
+    topk: Sequence[int] = DEFAULT_TOPK,
+    *,
+    allowed: np.ndarray | None = None,
 ) -> dict[str, float]:
     """Return top-k accuracy and mAP from a (Q, G) similarity matrix (higher is more similar).
 
-    Ties are broken by gallery order, so the result is deterministic.
+    `allowed`, (Q, G) bool, leaves pairs out of the ranking altogether (the query
+    itself, pictures of the same encounter, the other flank). Ties are broken by
+    gallery order, so the result is deterministic.
     """
-    scores = np.asarray(scores)
+    order, relevant = _ranking(scores, query_labels, gallery_labels, allowed)
+    return ranked_metrics(np.take_along_axis(relevant, order, axis=1), relevant.sum(axis=1), topk)
+
+
+def first_match_ranks(
+    scores: np.ndarray, query_labels: np.ndarray, gallery_labels: np.ndarray, *, allowed: np.ndarray | None = None
+) -> np.ndarray:
+    """Return (Q,) the 1-based rank of each query's first true match (0: no true match to find); a CMC curve's data."""
+    order, relevant = _ranking(scores, query_labels, gallery_labels, allowed)
+    matches = np.take_along_axis(relevant, order, axis=1)
+    return np.where(matches.any(axis=1), matches.argmax(axis=1) + 1, 0)
+
+
+def _ranking(
+    scores: np.ndarray, query_labels: np.ndarray, gallery_labels: np.ndarray, allowed: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    scores = np.asarray(scores, dtype=float)
     query_labels, gallery_labels = np.asarray(query_labels), np.asarray(gallery_labels)
     if scores.shape != (len(query_labels), len(gallery_labels)):
         raise ReidError(f"scores must be (Q, G) = ({len(query_labels)}, {len(gallery_labels)}), got {scores.shape}")
-    order = np.argsort(-scores, axis=1, kind="stable")
     relevant = gallery_labels[None, :] == query_labels[:, None]
-    matches = np.take_along_axis(relevant, order, axis=1)
-    return ranked_metrics(matches, relevant.sum(axis=1), topk)
+    if allowed is not None:
+        allowed = np.asarray(allowed, dtype=bool)
+        if allowed.shape != scores.shape:
+            raise ReidError(f"allowed must have the scores' shape {scores.shape}, got {allowed.shape}")
+        # Left-out pairs sink below every real score and are never relevant.
+        scores = np.where(allowed, scores, -np.inf)
+        relevant &= allowed
+    order = np.argsort(-scores, axis=1, kind="stable")
+    return order, relevant
 
 
 @dataclass(frozen=True)

@@ -39,10 +39,11 @@ figure img { max-width: {{ thumb_px }}px; max-height: {{ thumb_px }}px; display:
 .known { background: #2e7d32; } .review { background: #ef6c00; } .new { background: #1565c0; }
 .arrow { align-self: center; font-size: 1.5em; color: #999; }
 .warn { color: #b71c1c; }
+figure.evidence { max-width: {{ 3 * thumb_px }}px; } figure.evidence img { max-width: {{ 3 * thumb_px }}px; }
 </style></head><body>
 <h1>{{ title }}</h1>
 <p>{{ summary }}</p>
-{% if thresholds %}<p>Decision thresholds: known if score &ge; {{ "%.3f"|format(thresholds.known) }},
+{% if thresholds %}<p>Scores: {{ score_label }}. Decision thresholds: known if score &ge; {{ "%.3f"|format(thresholds.known) }},
 new if score &lt; {{ "%.3f"|format(thresholds.new) }}, review in between.
 {% if thresholds.n_known_queries %}Measured on held-out data: false "new" {{ "%.1f"|format(100 * thresholds.false_new_rate) }}%,
 false merge {{ "%.1f"|format(100 * thresholds.false_merge_rate) }}%, review {{ "%.1f"|format(100 * thresholds.review_rate) }}%.{% endif %}</p>{% endif %}
@@ -57,7 +58,9 @@ false merge {{ "%.1f"|format(100 * thresholds.false_merge_rate) }}%, review {{ "
 <span class="arrow">&rarr;</span>
 {% for c in e.candidates %}<figure><img src="{{ c.thumb }}" alt="candidate {{ c.individual_id }}"><figcaption>#{{ c.rank }} <b>{{ c.individual_id }}</b><br>score {{ "%.3f"|format(c.score) }}</figcaption></figure>{% endfor %}
 {% if not e.candidates %}<span>no candidate of this side in the gallery</span>{% endif %}
-</div></div>{% endfor %}
+</div>{% if e.evidence %}<details><summary>verified keypoint correspondences ({{ e.queries[0].name }} vs each candidate)</summary>
+<div class="row">{% for c in e.evidence %}<figure class="evidence"><a href="{{ c.picture }}"><img src="{{ c.picture }}" alt="correspondences with {{ c.individual_id }}"></a><figcaption>#{{ c.rank }} {{ c.individual_id }}</figcaption></figure>{% endfor %}</div></details>{% endif %}
+</div>{% endfor %}
 {% if problems %}<h2 class="warn">Files that could not be used ({{ problems|length }})</h2>
 <ul>{% for p in problems %}<li>{{ p }}</li>{% endfor %}</ul>{% endif %}
 </body></html>
@@ -76,12 +79,17 @@ def write_report(
     problems: Sequence[Problem] = (),
     title: str = "leopard-reid matches",
     summary: str = "",
+    evidence: Mapping[tuple[str, int], str] | None = None,
+    score_label: str = "embedding",
 ) -> Path:
     """Write `report.html` and its thumbnails into `out_dir`; return the page's path.
 
     `decisions` and `matches` are those of `reid.matching.match_captures`;
     `queries` and `gallery_entries` are catalogue tables with the pictures.
+    `evidence` maps (query annotation, gallery row) to a picture of their keypoint
+    correspondences, relative to `out_dir`.
     """
+    evidence = evidence or {}
     out_dir = Path(out_dir)
     (out_dir / THUMB_DIR).mkdir(parents=True, exist_ok=True)
     problems = list(problems)
@@ -114,6 +122,11 @@ def write_report(
                     }
                     for _, c in ranked.iterrows()
                 ],
+                "evidence": [
+                    {"rank": int(c["rank"]), "individual_id": c["individual_id"], "picture": picture}
+                    for _, c in ranked.iterrows()
+                    if (picture := evidence.get((str(first["query"]), int(c["gallery_row"]))))
+                ],
             }
         )
     html = (
@@ -127,6 +140,7 @@ def write_report(
             encounters=encounters,
             problems=[str(p) for p in problems],
             thumb_px=THUMB_PX,
+            score_label=score_label,
         )
     )
     path = out_dir / "report.html"
@@ -147,7 +161,9 @@ class _Thumbnails:
         box = row[list(BBOX_COLUMNS)].to_numpy(dtype=float)
         relative = f"{THUMB_DIR}/{name}.jpg"
         try:
-            crop = read_image(str(row["image_path"]), None if np.isnan(box).any() else box.tolist(), max_side_px=THUMB_PX)
+            crop = read_image(
+                str(row["image_path"]), None if np.isnan(box).any() else box.tolist(), max_side_px=THUMB_PX
+            )
             Image.fromarray(crop).save(self.out_dir / relative, quality=85)
         except ImageReadError as err:
             self.problems.append(Problem(err.path, "thumbnail", err.reason))
@@ -159,4 +175,6 @@ class _Thumbnails:
 def _records(table: pd.DataFrame | None) -> list[Mapping[str, Any]]:
     if table is None or table.empty:
         return []
-    return [{str(k): v for k, v in row.items()} for row in table.astype(object).where(table.notna(), "").to_dict("records")]
+    return [
+        {str(k): v for k, v in row.items()} for row in table.astype(object).where(table.notna(), "").to_dict("records")
+    ]

@@ -17,7 +17,9 @@ from PIL import Image
 
 from reid import analysis
 from reid.catalogue import build_catalogue
+from reid.fusion import ScoreFusion
 from reid.gallery import Gallery, GalleryError
+from reid.keypoints import KeypointConfig
 from reid.models import create_embedder, export_embedder, load_embedder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,7 +71,8 @@ def embedder(tmp_path_factory: pytest.TempPathFactory):
     return load_embedder(folder)
 
 
-def test_end_to_end_decisions_and_counts_match_the_truth(tmp_path: Path, embedder) -> None:
+@pytest.mark.parametrize("method", ["embedding", "keypoints", "fused"])
+def test_end_to_end_decisions_and_counts_match_the_truth(tmp_path: Path, embedder, method: str) -> None:
     t0 = "2021-05-01T00:00:00"
     gallery_plan = [
         ("KZ-A", "left", "g1", "S1", "2021-01-01", 2),
@@ -98,12 +101,22 @@ def test_end_to_end_decisions_and_counts_match_the_truth(tmp_path: Path, embedde
     queries = _table(tmp_path / "query_images", query_plan)
     labelled = _table(tmp_path / "calibration_images", calibration_plan)
 
-    gallery, problems = analysis.build_gallery(reference, embedder, tmp_path / "gallery", progress=False)
+    gallery, problems = analysis.build_gallery(
+        reference, embedder, tmp_path / "gallery", keypoints=KeypointConfig(), progress=False
+    )
     assert problems == [] and len(gallery) == 12
     thresholds, _, _ = analysis.calibrate_gallery(
-        gallery, tmp_path / "gallery", labelled=labelled, embedder=embedder, progress=False, max_false_merge=0.0
+        gallery,
+        tmp_path / "gallery",
+        labelled=labelled,
+        embedder=embedder,
+        scoring=ScoreFusion(method, shortlist=8),  # type: ignore[arg-type]
+        progress=False,
+        max_false_merge=0.0,
     )
-    assert analysis.thresholds_of(Gallery.load(tmp_path / "gallery")) == thresholds
+    stored = Gallery.load(tmp_path / "gallery")
+    assert analysis.thresholds_of(stored) == thresholds
+    assert analysis.scoring_of(stored).method == method and analysis.scoring_of(stored).calibrated
 
     truth_queries = queries.copy()
     queries["individual_id"] = pd.array([pd.NA] * len(queries), dtype="string")  # what an analyst brings
@@ -179,13 +192,22 @@ def test_report_opens_offline_in_chromium_with_every_image(tmp_path: Path, embed
     reference = _table(
         tmp_path / "g", [("KZ-A", "left", "g1", "S1", "2021-01-01", 2), ("KZ-B", "right", "g2", "S1", "2021-01-02", 2)]
     )
-    gallery, _ = analysis.build_gallery(reference, embedder, tmp_path / "gallery", progress=False)
+    gallery, _ = analysis.build_gallery(
+        reference, embedder, tmp_path / "gallery", keypoints=KeypointConfig(), progress=False
+    )
     queries = _table(
         tmp_path / "q", [("KZ-A", "left", "q1", "S1", "2021-05-01", 2), ("X", "right", "q2", "S1", "2021-05-02", 1)]
     )
     _, outcome = analysis.match(
-        queries, embedder, gallery, analysis.Thresholds(0.99, 0.5), tmp_path / "run", progress=False
+        queries,
+        embedder,
+        gallery,
+        analysis.Thresholds(0.99, 0.5),
+        tmp_path / "run",
+        scoring=ScoreFusion("keypoints"),
+        progress=False,
     )
+    assert len(list((tmp_path / "run" / analysis.EVIDENCE_DIR).glob("*.jpg"))) == 2  # one per shown candidate
     page = outcome.files["report"]
     # A copy of the page with a probe that records, after load, how many images it has and which failed.
     probe = (
@@ -219,7 +241,7 @@ def test_report_opens_offline_in_chromium_with_every_image(tmp_path: Path, embed
     ).stdout
     assert 'data-images="' in dom, dom[:500]
     n_images = int(dom.split('data-images="')[1].split('"')[0])
-    assert n_images >= 3 + 2  # three query pictures and the candidates' pictures
+    assert n_images >= 3 + 2 + 2  # three query pictures, the candidates' pictures, the correspondences
     assert 'data-broken=""' in dom
 
 

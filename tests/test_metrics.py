@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from reid.errors import ReidError
-from reid.metrics import evaluate_retrieval, ranked_metrics, retrieval_metrics
+from reid.metrics import evaluate_retrieval, first_match_ranks, ranked_metrics, retrieval_metrics
 
 
 def test_retrieval_metrics_match_hand_computed_values() -> None:
@@ -110,3 +110,16 @@ def test_unknown_sides_search_both_and_unlabelled_rows_never_match() -> None:
     assert result.metrics["queries"] == 1 and result.metrics["skipped"] == 1
     # A's ranking: A, unlabelled, A -> AP = (1/1 + 2/3) / 2
     assert result.metrics["top1"] == 1.0 and result.metrics["mAP"] == pytest.approx((1 + 2 / 3) / 2)
+
+
+def test_left_out_pairs_are_neither_ranked_nor_relevant() -> None:
+    # Query 0 (A) would find its own encounter's picture (column 0) first; it is left out.
+    scores = np.array([[0.9, 0.8, 0.7, 0.1], [0.2, 0.9, 0.3, 0.4]])
+    allowed = np.array([[False, True, True, True], [True, True, True, False]])
+    query, gallery = np.array(["A", "B"]), np.array(["A", "C", "A", "B"])
+    metrics = retrieval_metrics(scores, query, gallery, topk=(1, 2), allowed=allowed)
+    # Query 0: C, A, A(left out) -> first match at rank 2, AP = 1/2. Query 1: its only B is left out -> skipped.
+    assert metrics["top1"] == 0.0 and metrics["top2"] == 1.0
+    assert metrics["mAP"] == pytest.approx(0.5)
+    assert metrics["queries"] == 1 and metrics["skipped"] == 1
+    assert first_match_ranks(scores, query, gallery, allowed=allowed).tolist() == [2, 0]

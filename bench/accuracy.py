@@ -1,0 +1,440 @@
+"""Accuracy benchmark: embedding alone, keypoint matcher alone, and both fused, on any labels CSV.
+
+    python bench/accuracy.py                                  # ../shared/data/nyala-dev (trains an embedder first)
+    python bench/accuracy.py --labels path/to/labels.csv      # any labels CSV: path, individual_id, side, ...
+    python bench/accuracy.py --synthetic                      # the built-in synthetic leopards
+    python bench/accuracy.py --embedder outputs/train/<run>/embedder   # reuse a run trained with split=disjoint
+
+Protocol. The embedder is trained (train.py, split=disjoint) on some individuals
+and evaluated on the others only. Closed set, per side: every evaluation picture
+is a query against all other pictures of its side, leaving out pictures of the
+same sighting or encounter; top-1, top-5 and mAP are over the queries whose
+individual has another picture. Each matcher's score is calibrated to
+P(same individual) on one half of the evaluation individuals and applied to the
+other half (cross-fitted, so no query is scored by a calibration fitted on it).
+Fused re-ranks the embedding's top-B shortlist by the mean calibrated
+probability; B = all is the fused score over the whole gallery. Open set: per
+half, thresholds are calibrated on the other half, a share of individuals is left
+out of the gallery, and the false-new / false-merge rates and the minimum-count
+bounds are compared with the truth.
+
+Writes results.json, results.md, pairs.npz (pair scores), ranks.csv (CMC data),
+calibration.json and examples/ (matched pairs with correspondences) into --out,
+which notebooks/evaluation.ipynb reads.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from PIL import Image
+
+from reid import analysis
+from reid.census import count_individuals
+from reid.fusion import FusedScorer, ScoreFusion, fit_calibration
+from reid.gallery import Gallery
+from reid.index import EmbeddingIndex
+from reid.keypoints import KeypointConfig, draw_correspondences, extract, extract_rows, match, read_crop, score_pairs
+from reid.matching import match_captures
+from reid.metrics import first_match_ranks, retrieval_metrics
+from reid.models import create_embedder, embed_images, export_embedder, load_embedder
+from reid.splits import split_catalogue
+from reid.training import as_catalogue
+
+ROOT = Path(__file__).resolve().parents[1]
+SHORTLISTS = (10, 25, 50, 100)
+CALIBRATION_SHORTLIST = 50
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--labels", type=Path, default=ROOT.parent / "shared/data/nyala-dev/labels.csv")
+    source.add_argument("--synthetic", action="store_true", help="the built-in synthetic leopards")
+    parser.add_argument("--synthetic-individuals", type=int, default=60)
+    parser.add_argument("--embedder", type=Path, help="an exported embedder of a train.py run with split=disjoint")
+    parser.add_argument("--untrained", action="store_true", help="no training: an untrained embedder (smoke runs)")
+    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--heldout", type=float, default=0.5, help="share of individuals held out of training")
+    parser.add_argument(
+        "--open-set-unseen", type=float, default=0.3, help="share of individuals left out of the gallery"
+    )
+    parser.add_argument("--keypoints", default="rootsift", choices=["rootsift", "sift", "orb", "akaze"])
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    name = "synthetic" if args.synthetic else args.labels.parent.name
+    out = args.out or ROOT / "outputs" / "bench" / f"accuracy-{name}"
+    out.mkdir(parents=True, exist_ok=True)
+
+    table, embedder_dir = prepare(args, out)
+    embedder = load_embedder(embedder_dir)
+    print(f"evaluation: {len(table)} pictures of {table['individual_id'].nunique()} individuals never seen in training")
+    start = time.perf_counter()
+    embedded = embed_images(embedder, table, progress=True)
+    embed_ms = 1000 * (time.perf_counter() - start) / max(1, len(table))
+    table, emb = table[embedded.ok].reset_index(drop=True), embedded.embeddings
+    config = KeypointConfig(method=args.keypoints)
+    start = time.perf_counter()
+    features, _ = extract_rows(table, config, progress=True)
+    extract_ms = 1000 * (time.perf_counter() - start) / max(1, len(table))
+
+    allowed = allowed_pairs(table)
+    ids = table["individual_id"].to_numpy(dtype=object)
+    cosine = emb @ emb.T
+    inliers, pair_ms = all_pair_inliers(features, allowed, config)
+    folds = individual_folds(table, args.seed)
+    fused, calibrations = cross_fitted_fusion(cosine, inliers, allowed, ids, folds)
+
+    rows = []
+    search_ms = faiss_ms(emb, len(table))
+    n_gallery = float(allowed.sum(axis=1).mean())
+    methods = {
+        "embedding": (cosine, embed_ms + search_ms),
+        "keypoints (whole gallery)": (inliers, extract_ms + n_gallery * pair_ms),
+        "fused (whole gallery)": (fused, embed_ms + extract_ms + search_ms + n_gallery * pair_ms),
+    }
+    for b in SHORTLISTS:
+        methods[f"fused, shortlist B={b}"] = (
+            rerank(cosine, fused, allowed, b),
+            embed_ms + extract_ms + search_ms + min(b, n_gallery) * pair_ms,
+        )
+        methods[f"keypoints, shortlist B={b}"] = (
+            rerank(cosine, inliers, allowed, b),
+            embed_ms + extract_ms + search_ms + min(b, n_gallery) * pair_ms,
+        )
+    ranks = {}
+    for method, (scores, ms) in methods.items():
+        metrics = retrieval_metrics(scores, ids, ids, topk=(1, 5), allowed=allowed)
+        ranks[method] = first_match_ranks(scores, ids, ids, allowed=allowed)
+        rows.append(
+            {"method": method, **{k: metrics[k] for k in ("top1", "top5", "mAP", "queries")}, "ms_per_query": ms}
+        )
+    closed = pd.DataFrame(rows)
+
+    open_set = open_set_rates(table, emb, features, config, folds, args.open_set_unseen, args.seed)
+    growth = cost_growth(emb.shape[1], embed_ms, extract_ms, pair_ms)
+    write_results(
+        out, table, closed, open_set, growth, ranks, cosine, inliers, fused, allowed, ids, folds, calibrations
+    )
+    write_examples(out / "examples", table, cosine, inliers, allowed, ids, config)
+    summary = {
+        "data": str(args.labels if not args.synthetic else "synthetic"),
+        "pictures": len(table),
+        "individuals": int(table["individual_id"].nunique()),
+        "embedder": str(embedder_dir),
+        "keypoints": config.to_dict(),
+        "ms": {"embed_per_picture": embed_ms, "keypoints_per_picture": extract_ms, "per_pair": pair_ms},
+    }
+    (out / "run.json").write_text(json.dumps(summary, indent=2))
+    print((out / "results.md").read_text())
+    print(f"results: {out}")
+
+
+def prepare(args: argparse.Namespace, out: Path) -> tuple[pd.DataFrame, Path]:
+    """Return the evaluation catalogue (individuals the embedder never saw) and the embedder folder."""
+    data = (
+        ["data=synthetic", f"data.source.config.n_individuals={args.synthetic_individuals}"]
+        if args.synthetic
+        else [
+            "data=labels_csv",
+            f"data.source.path={args.labels.resolve()}",
+        ]
+    )
+    if args.untrained:
+        torch.manual_seed(args.seed)
+        table = load_table(args)
+        folder = export_embedder(create_embedder("resnet18", 128, img_size=128), out / "untrained-embedder")
+        return table, folder
+    embedder_dir = args.embedder
+    if embedder_dir is None:
+        run_dir = out / "train"
+        experiment = "synthetic" if args.synthetic else "nyala"
+        command = [
+            sys.executable,
+            "train.py",
+            f"experiment={experiment}",
+            *data,
+            "split=disjoint",
+            f"split.test_fraction={args.heldout}",
+            f"trainer.max_epochs={args.epochs}",
+            f"seed={args.seed}",
+            "logger=csv",
+            f"hydra.run.dir={run_dir}",
+        ]
+        print("training:", " ".join(command[1:]), flush=True)
+        subprocess.run(command, cwd=ROOT, check=True)
+        embedder_dir = run_dir / "embedder"
+    config = OmegaConf.load(embedder_dir.parent / "config.yaml")
+    if config.split.method != "disjoint":
+        sys.exit(f"{embedder_dir}: trained with split={config.split.method}; the benchmark needs split=disjoint")
+    table = as_catalogue(instantiate(config.data.source))
+    held = split_catalogue(table, "disjoint", test_fraction=config.split.test_fraction, seed=config.split.seed)
+    return table[(held == "test").to_numpy()].reset_index(drop=True), embedder_dir
+
+
+def load_table(args: argparse.Namespace) -> pd.DataFrame:
+    """Return the whole catalogue (the untrained smoke run evaluates on every individual)."""
+    if args.synthetic:
+        from reid.synthetic import SyntheticConfig, ensure_dataset
+
+        path = ensure_dataset(
+            ROOT / "data" / f"synthetic-{args.synthetic_individuals}",
+            SyntheticConfig(n_individuals=args.synthetic_individuals),
+        )
+        return as_catalogue(path)
+    from reid.importers import import_labels_csv
+
+    return as_catalogue(import_labels_csv(args.labels))
+
+
+def allowed_pairs(table: pd.DataFrame) -> np.ndarray:
+    """Return (N, N) bool: which pictures a query is compared with (its side, not itself, not its encounter)."""
+    sides = table["side"].astype(str).to_numpy()
+    encounters = table["encounter_id"].fillna("row:" + pd.Series(table.index.astype(str))).to_numpy(dtype=object)
+    same_side = (sides[:, None] == sides[None, :]) | (sides[:, None] == "unknown") | (sides[None, :] == "unknown")
+    return same_side & (encounters[:, None] != encounters[None, :])
+
+
+def all_pair_inliers(features: list, allowed: np.ndarray, config: KeypointConfig) -> tuple[np.ndarray, float]:
+    """Return the (N, N) inlier counts of allowed pairs (computed once per unordered pair) and the ms per pair."""
+    upper = np.argwhere(np.triu(allowed, 1))
+    start = time.perf_counter()
+    counts = score_pairs(features, features, upper, config, progress=True)
+    pair_ms = 1000 * (time.perf_counter() - start) / max(1, len(upper))
+    inliers = np.zeros(allowed.shape)
+    inliers[upper[:, 0], upper[:, 1]] = counts
+    inliers[upper[:, 1], upper[:, 0]] = counts
+    return inliers, pair_ms
+
+
+def individual_folds(table: pd.DataFrame, seed: int) -> np.ndarray:
+    """Return (N,) fold 0 or 1 per picture: half of the individuals each."""
+    individuals = np.array(sorted(table["individual_id"].unique()))
+    np.random.default_rng(seed).shuffle(individuals)
+    second = set(individuals[len(individuals) // 2 :])
+    return table["individual_id"].isin(second).to_numpy().astype(int)
+
+
+def shortlist_mask(cosine: np.ndarray, allowed: np.ndarray, b: int) -> np.ndarray:
+    """Return (N, N) bool: each query's top-`b` allowed pictures by embedding."""
+    ranked = np.argsort(-np.where(allowed, cosine, -np.inf), axis=1, kind="stable")[:, :b]
+    mask = np.zeros_like(allowed)
+    np.put_along_axis(mask, ranked, True, axis=1)
+    return mask & allowed
+
+
+def cross_fitted_fusion(
+    cosine: np.ndarray, inliers: np.ndarray, allowed: np.ndarray, ids: np.ndarray, folds: np.ndarray
+) -> tuple[np.ndarray, dict]:
+    """Return (N, N) fused scores, each query's row scored by calibrations fitted on the other fold's pairs."""
+    fused = np.zeros_like(cosine)
+    same = ids[:, None] == ids[None, :]
+    shortlisted = shortlist_mask(cosine, allowed, CALIBRATION_SHORTLIST)
+    calibrations = {}
+    for fold in (0, 1):
+        inside = folds == fold
+        fit = shortlisted & inside[:, None] & inside[None, :]
+        fusion = ScoreFusion(
+            "fused",
+            embedding=fit_calibration(cosine[fit], same[fit]),
+            keypoints=fit_calibration(inliers[fit], same[fit], log_scale=True),
+        )
+        calibrations[f"fitted_on_fold{fold}"] = json.loads(fusion.to_json())
+        fused[~inside] = fusion.combine(cosine[~inside], inliers[~inside])
+    return fused, calibrations
+
+
+def rerank(first: np.ndarray, second: np.ndarray, allowed: np.ndarray, b: int) -> np.ndarray:
+    """Return scores ranking each query's top-`b` by `first` re-ordered by `second`, the rest after, by `first`."""
+    shortlist = shortlist_mask(first, allowed, b)
+    # Shortlisted scores are lifted above every other one; the rest keep the first ranking.
+    lift = np.nanmax(np.abs(first)) + np.nanmax(np.abs(second)) + 1
+    rest = first - lift
+    return np.where(shortlist, second, rest)
+
+
+def faiss_ms(emb: np.ndarray, n: int) -> float:
+    """Return the measured ms of one exact FAISS search of one query among n gallery pictures."""
+    index = EmbeddingIndex.build(emb[:n])
+    start = time.perf_counter()
+    for q in emb[:200]:
+        index.search(q[None], 10)
+    return 1000 * (time.perf_counter() - start) / min(200, len(emb))
+
+
+def cost_growth(dim: int, embed_ms: float, extract_ms: float, pair_ms: float) -> pd.DataFrame:
+    """Return ms per query at growing gallery sizes: search measured on random vectors, keypoints N x per-pair time."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for n in (100, 1_000, 10_000, 100_000):
+        vectors = rng.standard_normal((n, dim), dtype=np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        search = faiss_ms(vectors, n)
+        row = {"gallery": n, "embedding": embed_ms + search, "keypoints (whole gallery)": extract_ms + n * pair_ms}
+        for b in SHORTLISTS:
+            row[f"fused B={b}"] = embed_ms + extract_ms + search + min(b, n) * pair_ms
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def open_set_rates(
+    table: pd.DataFrame,
+    emb: np.ndarray,
+    features: list,
+    config: KeypointConfig,
+    folds: np.ndarray,
+    unseen: float,
+    seed: int,
+) -> pd.DataFrame:
+    """Return per score method the false-new and false-merge rates and count bounds against the truth (both folds)."""
+    rows = []
+    for method in ("embedding", "keypoints", "fused"):
+        totals = {"known": 0, "false_new": 0, "unseen": 0, "false_merge": 0, "review": 0, "queries": 0}
+        counts = {"minimum": 0, "maximum": 0, "true_minimum": 0, "true_individuals": 0}
+        for fold in (0, 1):
+            calib, test = folds != fold, folds == fold
+            calib_rows, test_rows = table[calib].reset_index(drop=True), table[test].reset_index(drop=True)
+            sub = [f for f, t in zip(features, calib, strict=True) if t]
+            thresholds, _, scoring = analysis.calibrate_thresholds(
+                calib_rows,
+                emb[calib],
+                features=sub,
+                keypoint_config=config,
+                scoring=ScoreFusion(method, CALIBRATION_SHORTLIST),
+                seed=seed,
+            )
+            split = split_catalogue(test_rows, "open_set", unseen_fraction=unseen, test_fraction=0.3, seed=seed)
+            ref, qry = (split == "train").to_numpy(), (split == "test").to_numpy()
+            test_emb = emb[test]
+            test_features = [f for f, t in zip(features, test, strict=True) if t]
+            gallery = Gallery.empty("bench", emb.shape[1])
+            gallery.add(test_rows[ref], test_emb[ref], list(test_rows.loc[ref, "annotation_id"]))
+            scorer = FusedScorer(
+                scoring,
+                test_emb[qry],
+                gallery.embeddings,
+                [f for f, q in zip(test_features, qry, strict=True) if q],
+                [f for f, r in zip(test_features, ref, strict=True) if r],
+                config,
+            )
+            queries = test_rows[qry].reset_index(drop=True)
+            result = match_captures(gallery, queries, test_emb[qry], thresholds, scorer=scorer, new_prefix="NEW")
+            decided = result.decisions.merge(
+                queries[["annotation_id", "individual_id"]], left_on="query", right_on="annotation_id"
+            )
+            enrolled = set(gallery.entries["individual_id"])
+            known = decided["individual_id"].isin(enrolled)
+            totals["queries"] += len(decided)
+            totals["known"] += int(known.sum())
+            totals["false_new"] += int((known & (decided["decision"] == "new")).sum())
+            totals["unseen"] += int((~known).sum())
+            totals["false_merge"] += int((~known & (decided["decision"] == "known")).sum())
+            totals["review"] += int((decided["decision"] == "review").sum())
+            captures = analysis.identified_captures(queries, result.decisions)
+            found = count_individuals(captures, known_sides=gallery.entries).iloc[0]
+            truth = count_individuals(queries, known_sides=gallery.entries).iloc[0]
+            counts["minimum"] += int(found["minimum"])
+            counts["maximum"] += int(found["maximum"])
+            counts["true_minimum"] += int(truth["minimum"])
+            counts["true_individuals"] += int(queries["individual_id"].nunique())
+        rows.append(
+            {
+                "method": method,
+                "false_new": totals["false_new"] / max(1, totals["known"]),
+                "false_merge": totals["false_merge"] / max(1, totals["unseen"]),
+                "review": totals["review"] / max(1, totals["queries"]),
+                "count_min": counts["minimum"],
+                "count_max": counts["maximum"],
+                "true_min": counts["true_minimum"],
+                "true_individuals": counts["true_individuals"],
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def write_results(
+    out: Path, table, closed, open_set, growth, ranks, cosine, inliers, fused, allowed, ids, folds, calibrations
+) -> None:
+    upper = np.triu(allowed, 1)
+    same = (ids[:, None] == ids[None, :])[upper]
+    np.savez_compressed(
+        out / "pairs.npz",
+        cosine=cosine[upper],
+        inliers=inliers[upper],
+        fused=fused[upper],
+        same=same,
+        fold=folds[np.argwhere(upper)[:, 0]],
+    )
+    pd.DataFrame(ranks).assign(query=table["annotation_id"]).to_csv(out / "ranks.csv", index=False)
+    (out / "calibration.json").write_text(json.dumps(calibrations, indent=2))
+    results = {
+        "closed_set": closed.to_dict("records"),
+        "open_set": open_set.to_dict("records"),
+        "cost_growth_ms_per_query": growth.to_dict("records"),
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    lines = [
+        "Closed set, same side, same-encounter pictures left out:",
+        closed.to_markdown(index=False, floatfmt=".3f"),
+        "",
+        "Open set (thresholds calibrated on the other half of the individuals):",
+        open_set.to_markdown(index=False, floatfmt=".3f"),
+        "",
+        "Cost per query (ms) as the gallery grows (search measured; keypoints = N x measured per-pair time):",
+        growth.to_markdown(index=False, floatfmt=".1f"),
+    ]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+
+
+def write_examples(out: Path, table, cosine, inliers, allowed, ids, config: KeypointConfig, n: int = 4) -> None:
+    """Save pictures of a few pairs with their verified correspondences: the best same and different pairs."""
+    out.mkdir(exist_ok=True)
+    same = ids[:, None] == ids[None, :]
+    scored = np.where(np.triu(allowed, 1), inliers, -1)
+    picks = []
+    for label, mask in (("same", same), ("different", ~same)):
+        flat = np.argsort(-np.where(mask, scored, -1), axis=None)[:n]
+        picks += [(label, *np.unravel_index(i, scored.shape)) for i in flat]
+    rows = []
+    for k, (label, a, b) in enumerate(picks):
+        crops = []
+        for i in (a, b):
+            r = table.iloc[i]
+            box = r[["bbox_x", "bbox_y", "bbox_w", "bbox_h"]].to_numpy(dtype=float)
+            crops.append(read_crop(str(r["image_path"]), None if np.isnan(box).any() else box, config))
+        found = match(extract(crops[0], config), extract(crops[1], config), config)
+        name = f"{k:02d}_{label}.jpg"
+        Image.fromarray(draw_correspondences(crops[0], crops[1], found)).save(out / name, quality=85)
+        rows.append(
+            {
+                "file": name,
+                "pair": label,
+                "query": table["annotation_id"].iat[a],
+                "gallery": table["annotation_id"].iat[b],
+                "inliers": int(found.n_inliers),
+                "cosine": float(cosine[a, b]),
+            }
+        )
+    pd.DataFrame(rows).to_csv(out / "examples.csv", index=False)
+
+
+if __name__ == "__main__":
+    main()

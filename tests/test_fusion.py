@@ -1,0 +1,118 @@
+"""Score calibration and fusion: monotone, saved and loaded exactly, and re-ranking consistent with the matcher alone."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from reid.errors import ReidError
+from reid.fusion import FusedScorer, ScoreFusion, fit_calibration
+from reid.gallery import Gallery
+from reid.keypoints import KeypointConfig, extract_rows, score_pairs
+
+
+def _pairs(rng: np.random.Generator, n: int = 400) -> tuple[np.ndarray, np.ndarray]:
+    same = rng.random(n) < 0.3
+    scores = np.where(same, rng.normal(0.7, 0.1, n), rng.normal(0.4, 0.1, n))
+    return scores, same
+
+
+@pytest.mark.parametrize("method", ["logistic", "isotonic"])
+def test_calibration_is_monotone_and_separates_same_from_different(method: str) -> None:
+    scores, same = _pairs(np.random.default_rng(0))
+    calibration = fit_calibration(scores, same, method=method)  # type: ignore[arg-type]
+    grid = np.linspace(-0.5, 1.5, 500)
+    probs = calibration(grid)
+    assert np.all(np.diff(probs) >= 0)
+    assert probs.min() >= 0 and probs.max() <= 1
+    assert calibration(np.array([0.8]))[0] > 0.9 > 0.1 > calibration(np.array([0.3]))[0]
+    if method == "logistic":
+        assert np.all(np.diff(probs) > 0)  # strictly: it never creates ties
+
+
+def test_count_calibration_works_on_log_counts_and_missing_scores_give_zero() -> None:
+    rng = np.random.default_rng(1)
+    same = rng.random(300) < 0.4
+    inliers = np.where(same, rng.poisson(30, 300), rng.poisson(4, 300)).astype(float)
+    calibration = fit_calibration(inliers, same, log_scale=True)
+    assert calibration(np.array([40.0]))[0] > 0.95 and calibration(np.array([2.0]))[0] < 0.1
+    assert calibration(np.array([-np.inf, np.nan])).tolist() == [0.0, 0.0]
+
+
+def test_calibration_refuses_too_few_pairs_and_flattens_a_score_that_does_not_rise(caplog) -> None:
+    with pytest.raises(ReidError, match="at least 2 same-individual"):
+        fit_calibration(np.array([0.9, 0.1, 0.2]), np.array([True, False, False]))
+    flat = fit_calibration(np.array([0.1, 0.2, 0.8, 0.9]), np.array([True, True, False, False]))
+    assert "does not rise" in caplog.text
+    # Uninformative: every score gets the balanced prior, so in a fusion the other matcher decides alone.
+    np.testing.assert_allclose(flat(np.array([0.0, 0.5, 1.0])), 0.5)
+
+
+def test_fusion_saved_and_loaded_gives_identical_scores() -> None:
+    rng = np.random.default_rng(2)
+    cosine, same = _pairs(rng)
+    inliers = np.where(same, rng.poisson(25, len(same)), rng.poisson(5, len(same))).astype(float)
+    for method in ("logistic", "isotonic"):
+        fusion = ScoreFusion(
+            "fused",
+            shortlist=20,
+            embedding=fit_calibration(cosine, same, method=method),  # type: ignore[arg-type]
+            keypoints=fit_calibration(inliers, same, method=method, log_scale=True),  # type: ignore[arg-type]
+        )
+        loaded = ScoreFusion.from_json(fusion.to_json())
+        assert loaded == fusion
+        np.testing.assert_array_equal(loaded.combine(cosine, inliers), fusion.combine(cosine, inliers))
+    with pytest.raises(ReidError, match="score-fusion"):
+        ScoreFusion.from_json('{"method": "fused"}')
+    with pytest.raises(ReidError, match="not one of"):
+        ScoreFusion("magic")  # type: ignore[arg-type]
+
+
+def test_fused_score_is_the_mean_of_the_calibrated_probabilities() -> None:
+    rng = np.random.default_rng(3)
+    cosine, same = _pairs(rng)
+    inliers = np.where(same, rng.poisson(25, len(same)), rng.poisson(5, len(same))).astype(float)
+    emb, kp = fit_calibration(cosine, same), fit_calibration(inliers, same, log_scale=True)
+    fused = ScoreFusion("fused", embedding=emb, keypoints=kp).combine(cosine, inliers)
+    np.testing.assert_allclose(fused, (emb(cosine) + kp(inliers)) / 2)
+
+    # Separation of same from different pairs is at least that of the better single score here.
+    def auc(scores: np.ndarray) -> float:
+        return float((scores[same][:, None] > scores[~same][None, :]).mean())
+
+    assert auc(fused) >= max(auc(cosine), auc(inliers)) - 0.01
+
+
+def test_shortlist_as_large_as_the_gallery_ranks_like_the_matcher_alone(flank_catalogue) -> None:
+    table = flank_catalogue[flank_catalogue["side"] == "left"].reset_index(drop=True)
+    gallery_rows, query_rows = np.arange(len(table)) % 3 != 0, np.arange(len(table)) % 3 == 0
+    config = KeypointConfig(max_side_px=200)
+    features, problems = extract_rows(table, config, progress=False)
+    assert problems == []
+    rng = np.random.default_rng(4)
+    embeddings = rng.standard_normal((len(table), 16)).astype(np.float32)
+    embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
+    gallery = Gallery.empty("test", 16)
+    gallery.add(table[gallery_rows], embeddings[gallery_rows], list(table.loc[gallery_rows, "annotation_id"]))
+    query_features = [f for f, q in zip(features, query_rows, strict=True) if q]
+    gallery_features = [f for f, g in zip(features, gallery_rows, strict=True) if g]
+    n = len(gallery)
+    scorer = FusedScorer(
+        ScoreFusion("keypoints", shortlist=n),
+        embeddings[query_rows],
+        gallery.embeddings,
+        query_features,
+        gallery_features,
+        config,
+    )
+    cosine, rows = gallery.search(embeddings[query_rows], ["left"] * int(query_rows.sum()), n)
+    rescored = scorer.rescore(cosine, rows)
+    pairs = np.array([(q, g) for q in range(int(query_rows.sum())) for g in range(n)])
+    alone = score_pairs(query_features, gallery_features, pairs, config).reshape(-1, n)
+    for q in range(len(rows)):
+        # Every gallery entry is re-scored, with exactly the matcher's own score for it...
+        np.testing.assert_array_equal(rescored[q][np.argsort(rows[q])], alone[q])
+        # ... so the re-ranked order is the matcher's order (ties aside).
+        reranked = rows[q][np.argsort(-rescored[q], kind="stable")]
+        assert np.all(np.diff(alone[q][reranked]) <= 0)
+    assert alone.max() > 10  # the queries do find their own flanks
