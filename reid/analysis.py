@@ -361,28 +361,17 @@ def match(
     if new_prefix is None:
         countries = set(readable["country"].dropna())
         new_prefix = f"{countries.pop()}-NEW" if len(countries) == 1 else "NEW"
-    scoring = scoring_of(gallery) if scoring is None else scoring
-    stored = gallery_keypoints(gallery) if scoring.uses_keypoints else None
-    if scoring.uses_keypoints and stored is None:
-        raise ReidError(
-            f"score method {scoring.method} needs the gallery's keypoint features; rebuild it with keypoints enabled"
-        )
-    query_features, keypoint_config = None, None
-    if stored is not None:
-        keypoint_config = stored[1]
-        query_features, more = extract_rows(readable, keypoint_config, progress=progress)
-        outcome.problems += more
-    scorer = _scorer(
-        scoring,
+    result, keypoint_config = score_queries(
+        gallery,
+        readable,
         embedded.embeddings,
-        gallery.embeddings,
-        query_features,
-        stored[0] if stored else None,
-        keypoint_config,
-        progress,
-    )
-    result = match_captures(
-        gallery, readable, embedded.embeddings, thresholds, k=k, top_n=top_n, new_prefix=new_prefix, scorer=scorer
+        thresholds,
+        scoring=scoring,
+        k=k,
+        top_n=top_n,
+        new_prefix=new_prefix,
+        problems=outcome.problems,
+        progress=progress,
     )
     failed = queries[~embedded.ok]
     reasons = {p.source: p.message for p in embedded.problems}
@@ -427,13 +416,11 @@ def match(
     )
     table = pd.concat([combined.assign(**{c: "all" for c in count_by}), counts], ignore_index=True)
     table = table[[*count_by, *[c for c in table.columns if c not in count_by]]]
-    pictures = {}
-    if evidence and keypoint_config is not None:
-        # The report shows each encounter's first picture against its candidates.
-        first = result.matches["query"].isin(set(result.decisions.drop_duplicates("encounter_id")["query"]))
-        pictures = _correspondence_pictures(
-            out_dir, result.matches[first], readable, gallery, keypoint_config, outcome.problems
-        )
+    pictures = (
+        evidence_pictures(out_dir, result, readable, gallery, keypoint_config, outcome.problems)
+        if evidence and keypoint_config is not None
+        else {}
+    )
     outcome.files["report"] = write_report(
         out_dir,
         result.decisions,
@@ -445,23 +432,73 @@ def match(
         problems=outcome.problems,
         summary=summary,
         evidence=pictures,
-        score_label=scoring.method,
+        score_label=(scoring or scoring_of(gallery)).method,
     )
     return MatchResult(matches=matches, decisions=decisions), outcome
+
+
+def score_queries(
+    gallery: Gallery,
+    queries: pd.DataFrame,
+    embeddings: np.ndarray,
+    thresholds: Thresholds,
+    *,
+    scoring: ScoreFusion | None = None,
+    query_features: list[Features] | None = None,
+    k: int = 50,
+    top_n: int = 5,
+    new_prefix: str = "NEW",
+    problems: list[Problem] | None = None,
+    progress: bool = True,
+) -> tuple[MatchResult, KeypointConfig | None]:
+    """Return the decisions for embedded query rows, scored as `scoring` says (default: the gallery's), and the
+    keypoint settings used (None without keypoints).
+
+    With keypoints, the queries' features are computed with the gallery's stored
+    settings unless `query_features` (aligned with the rows) are given; unreadable
+    pictures then just have no correspondences, reported in `problems`.
+    """
+    scoring = scoring_of(gallery) if scoring is None else scoring
+    stored = gallery_keypoints(gallery) if scoring.uses_keypoints else None
+    if scoring.uses_keypoints and stored is None:
+        raise ReidError(
+            f"score method {scoring.method} needs the gallery's keypoint features; rebuild it with keypoints enabled"
+        )
+    keypoint_config = stored[1] if stored is not None else None
+    if keypoint_config is not None and query_features is None:
+        query_features, more = extract_rows(queries, keypoint_config, progress=progress)
+        if problems is not None:
+            problems += more
+    scorer = _scorer(
+        scoring,
+        embeddings,
+        gallery.embeddings,
+        query_features,
+        stored[0] if stored else None,
+        keypoint_config,
+        progress,
+    )
+    result = match_captures(
+        gallery, queries, embeddings, thresholds, k=k, top_n=top_n, new_prefix=new_prefix, scorer=scorer
+    )
+    return result, keypoint_config
 
 
 EVIDENCE_DIR = "evidence"
 
 
-def _correspondence_pictures(
+def evidence_pictures(
     out_dir: Path,
-    matches: pd.DataFrame,
+    result: MatchResult,
     queries: pd.DataFrame,
     gallery: Gallery,
     config: KeypointConfig,
     problems: list[Problem],
 ) -> dict[tuple[str, int], str]:
-    """Draw the verified keypoint correspondences of each shown (query, gallery entry) pair; return their paths."""
+    """Draw the verified correspondences of each encounter's first picture with each of its candidates' best
+    gallery picture (what the report shows); return their paths relative to `out_dir`, by (query, gallery row)."""
+    first = result.matches["query"].isin(set(result.decisions.drop_duplicates("encounter_id")["query"]))
+    matches = result.matches[first]
     (out_dir / EVIDENCE_DIR).mkdir(exist_ok=True)
     position = {str(a): i for i, a in enumerate(queries["annotation_id"])}
     crops: dict[tuple[str, Any], np.ndarray | None] = {}

@@ -58,11 +58,11 @@ _DESCRIPTORS: dict[str, tuple[np.dtype, int]] = {
     "orb": (np.dtype(np.uint8), 32),
     "akaze": (np.dtype(np.uint8), 61),
 }
-# Points a model needs (its minimal sample). A minimal sample always fits itself exactly,
-# so a pair counts only the inliers beyond one: at least sample + 1 matches are needed.
+# Points that fix each model (its minimal sample). A minimal sample always fits itself
+# exactly, so a pair needs more matches, and more inliers, than this to count at all.
 _SAMPLE_SIZE: dict[str, int] = {"affine": 3, "homography": 4}
 # A same-side flank is never mirrored, and crops shrunk to one long side differ in scale
-# by far less than 4x: a model outside this area ratio fitted chance matches.
+# by far less than 4x: a model whose local area ratio lies outside this fitted chance matches.
 _MIN_AREA_RATIO, _MAX_AREA_RATIO = 1 / 16, 16.0
 _RANSAC_MAX_ITERS = 2000
 _RANSAC_CONFIDENCE = 0.995
@@ -165,6 +165,7 @@ class Features:
     """(height, width) of the shrunk crop, px; (0, 0) for a crop that could not be read."""
 
     def __len__(self) -> int:
+        """Return the number of keypoints."""
         return len(self.xy)
 
 
@@ -189,7 +190,7 @@ def read_crop(path: str | Path, bbox: Sequence[float] | None, config: KeypointCo
 
 
 def extract(image: np.ndarray, config: KeypointConfig) -> Features:
-    """Return the keypoints and descriptors of one crop (as `read_crop` returns it), px of that crop."""
+    """Return the keypoints (px of `image`) and descriptors of one crop, as `read_crop` returns it."""
     return _extract(image, config, _detector(config))
 
 
@@ -232,9 +233,9 @@ def match(query: Features, gallery: Features, config: KeypointConfig) -> Corresp
 
     Tentative matches are mutual nearest neighbours whose distance is below
     `config.ratio` of the second-nearest; RANSAC then fits `config.geometry` with a
-    `config.ransac_px` threshold. Fewer tentative matches than the model's minimal
-    sample plus one, no model, or an implausible one (mirrored, scaled over 4x)
-    give 0 inliers.
+    `config.ransac_px` threshold. No more tentative matches or inliers than the
+    model's minimal sample (3 affine, 4 homography), no model, or an implausible one
+    (mirrored, or scaled by over 4x) give 0 inliers.
     """
     n_query, n_gallery = len(query.xy), len(gallery.xy)
     sample = _SAMPLE_SIZE[config.geometry]
@@ -261,8 +262,7 @@ def match(query: Features, gallery: Features, config: KeypointConfig) -> Corresp
         )
     if model is None or mask is None:
         return _no_match()
-    area_ratio = model[0, 0] * model[1, 1] - model[0, 1] * model[1, 0]
-    if not _MIN_AREA_RATIO <= area_ratio <= _MAX_AREA_RATIO:
+    if not _MIN_AREA_RATIO <= _area_ratio(model, src.mean(axis=0)) <= _MAX_AREA_RATIO:
         return _no_match()
     inliers = mask.ravel().astype(bool)
     n_inliers = int(inliers.sum())
@@ -554,6 +554,14 @@ def _tentative_matches(query: np.ndarray, gallery: np.ndarray, config: KeypointC
     keep = (best_distance < config.ratio * second_distance) & mutual
     query_index = np.flatnonzero(keep)
     return query_index, nearest[query_index]
+
+
+def _area_ratio(model: np.ndarray, at_xy: np.ndarray) -> float:
+    """Return the model's local area ratio (Jacobian determinant) at a point; negative where it mirrors."""
+    matrix = model if model.shape == (3, 3) else np.vstack([model, (0.0, 0.0, 1.0)])
+    w = matrix[2, 0] * at_xy[0] + matrix[2, 1] * at_xy[1] + matrix[2, 2]
+    # For x' = (A x + t) / w(x) the Jacobian determinant is det(H) / w^3.
+    return float(np.linalg.det(matrix) / w**3) if w != 0 else 0.0
 
 
 def _dot_transposed(a: np.ndarray, b: np.ndarray) -> np.ndarray:

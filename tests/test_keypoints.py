@@ -100,6 +100,15 @@ def test_matcher_rejects_other_individuals() -> None:
     assert max(others) * 5 < same
 
 
+def test_a_mirrored_coat_is_not_a_match() -> None:
+    # Round spots look alike mirrored, so an unconstrained affine map would fit a mirror image;
+    # a same-side flank is never seen mirrored.
+    config = KeypointConfig()
+    coat = _coat(1)
+    mirrored = np.ascontiguousarray(coat[:, ::-1])
+    assert match(extract(coat, config), extract(mirrored, config), config).n_inliers == 0
+
+
 @pytest.mark.parametrize("method", ["orb", "akaze", "sift"])
 def test_other_methods_are_selectable_and_match(method: str) -> None:
     if method == "akaze" and not AKAZE_AVAILABLE:

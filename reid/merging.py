@@ -1,0 +1,311 @@
+"""Across the border: find the individuals two catalogues share, record confirmed aliases, count once.
+
+Each team keeps its own IDs (`KZ-0007`, `TM-0031`). Matching one catalogue
+against the other proposes pairs (same side only; both flanks' evidence pooled per
+individual) for people to review in a report; only pairs a person confirms enter
+the alias table, with who confirmed them and when. Nothing is renamed: merged
+counts read the alias table, so an animal known to both teams counts once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from reid.analysis import evidence_pictures, gallery_keypoints, score_queries, scoring_of, thresholds_of
+from reid.catalogue import COLUMN_NAMES
+from reid.census import count_individuals
+from reid.errors import Problem, ReidError
+from reid.files import atomic_write
+from reid.fusion import KEYPOINTS_FILE, ScoreFusion
+from reid.gallery import Gallery
+from reid.keypoints import Features, KeypointConfig, extract_rows, features_to_bytes
+from reid.matching import KNOWN, NEW, REVIEW, MatchResult, Thresholds
+from reid.models import Embedder, embed_images, model_fingerprint
+from reid.report import write_report
+from reid.sharing import ImportedCatalogue
+
+ALIAS_COLUMNS = (
+    "local_id",
+    "partner_id",
+    "local_namespace",
+    "partner_namespace",
+    "score",
+    "sides",
+    "confirmed_by",
+    "confirmed_at",
+    "note",
+)
+CONFIRM_COLUMN = "confirmed"
+YES = {"yes", "y", "true", "1", "x"}
+
+
+@dataclass
+class SharedCandidates:
+    """Proposed equivalences between a partner's individuals and local ones, with what the report needs."""
+
+    pairs: pd.DataFrame
+    """One row per partner individual and local candidate: partner_id, local_id, rank, score, decision, sides, confirmed."""
+    result: MatchResult
+    """The underlying match of the partner's pictures (queries) against the local gallery."""
+    partner_pictures: pd.DataFrame
+    """Catalogue rows of the partner's pictures used as queries (crops when shipped)."""
+
+
+def partner_gallery(
+    imported: ImportedCatalogue, embedder: Embedder, *, keypoints: KeypointConfig | None = None, progress: bool = True
+) -> tuple[Gallery, pd.DataFrame, list[Problem]]:
+    """Return the partner's gallery in the local embedder's terms, the pictures behind it, and problems.
+
+    A partner who used the same embedder is used as received. Otherwise its
+    entries are re-embedded from the flank crops it shipped (and their keypoint
+    features recomputed with `keypoints`); without crops it is refused, saying what
+    to ask for.
+    """
+    gallery, manifest = imported.gallery, imported.manifest
+    pictures = imported.crops if imported.crops is not None else gallery.entries[list(COLUMN_NAMES)]
+    local = model_fingerprint(embedder)
+    if gallery.embedder_fingerprint == local:
+        return gallery, pictures.reset_index(drop=True), []
+    owner = f"{manifest.get('organisation', '?')} ({manifest.get('namespace', '?')})"
+    if imported.crops is None:
+        raise ReidError(
+            f"{imported.folder}: {owner} built their catalogue with embedder {gallery.embedder_fingerprint[:12]}, "
+            f"yours is {local[:12]}, and their archive has no flank crops to re-embed; ask them to export again "
+            "with crops (`python share.py mode=export export.crops=true`), or use their embedder"
+        )
+    crops = imported.crops.reset_index(drop=True)
+    embedded = embed_images(embedder, crops, progress=progress)
+    problems = list(embedded.problems)
+    kept = crops[embedded.ok].reset_index(drop=True)
+    hashes = gallery.entries.set_index("annotation_id")["content_hash"]
+    entries = kept.assign(content_hash=pd.array(hashes.loc[kept["annotation_id"]].to_numpy(), dtype="string"))
+    reembedded = Gallery(entries, embedded.embeddings, local, gallery.index_kind, created=gallery.created)
+    if keypoints is not None:
+        features, more = extract_rows(kept, keypoints, progress=progress)
+        problems += more
+        reembedded.extra_files[KEYPOINTS_FILE] = features_to_bytes(features, keypoints)
+    return reembedded, kept, problems
+
+
+def find_shared_individuals(
+    local: Gallery,
+    partner: Gallery,
+    partner_pictures: pd.DataFrame,
+    out_dir: str | Path,
+    *,
+    thresholds: Thresholds | None = None,
+    scoring: ScoreFusion | None = None,
+    top_n: int = 3,
+    local_name: str = "local",
+    partner_name: str = "partner",
+    progress: bool = True,
+) -> tuple[SharedCandidates, dict[str, Path], list[Problem]]:
+    """Propose which partner individuals are local ones; write candidates.csv and a review report.html.
+
+    Each partner individual's pictures are one "encounter": their per-individual
+    scores are pooled over both flanks, each flank searched only against the same
+    flank of the local gallery, and scored and decided as infer.py does with the
+    local gallery's calibrated scoring and thresholds. Decision "known" proposes an
+    equivalence, "review" asks a person to look, "new" means no local animal is close.
+    Returns the candidates, the files written and the problems met.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if len(partner_pictures) != len(partner):
+        raise ReidError(f"{len(partner_pictures)} partner pictures for {len(partner)} gallery entries")
+    if partner.embedder_fingerprint != local.embedder_fingerprint:
+        raise ReidError(
+            f"the partner's embeddings come from embedder {partner.embedder_fingerprint[:12]}, the local gallery's "
+            f"from {local.embedder_fingerprint[:12]}; re-embed the partner first (`partner_gallery`)"
+        )
+    thresholds = thresholds or thresholds_of(local)
+    scoring = scoring or scoring_of(local)
+    problems: list[Problem] = []
+    queries = partner_pictures.reset_index(drop=True).copy()
+    queries["encounter_id"] = pd.array(partner.entries["individual_id"].to_numpy(), dtype="string")
+    queries["annotation_id"] = pd.array(partner.entries["annotation_id"].to_numpy(), dtype="string")
+    result, config = score_queries(
+        local,
+        queries,
+        partner.embeddings,
+        thresholds,
+        scoring=scoring,
+        query_features=_same_features(partner, local),
+        top_n=top_n,
+        problems=problems,
+        progress=progress,
+    )
+    first = result.decisions.drop_duplicates("encounter_id").set_index("encounter_id")
+    sides = queries.groupby("encounter_id")["side"].agg(lambda s: "+".join(sorted(set(s))))
+    ranked = result.matches[result.matches["query"].isin(first["query"])]
+    partner_of = dict(zip(queries["annotation_id"], queries["encounter_id"], strict=True))
+    partner_ids = [partner_of[q] for q in ranked["query"]]
+    pairs = pd.DataFrame(
+        {
+            "partner_id": partner_ids,
+            "local_id": ranked["individual_id"].to_numpy(),
+            "rank": ranked["rank"].to_numpy(),
+            "score": ranked["score"].to_numpy(),
+            "decision": [
+                first.loc[p, "decision"] if r == 1 else "" for p, r in zip(partner_ids, ranked["rank"], strict=True)
+            ],
+            "partner_sides": [sides.loc[p] for p in partner_ids],
+            CONFIRM_COLUMN: "",
+        }
+    )
+    candidates = SharedCandidates(pairs.reset_index(drop=True), result, queries)
+    files = {"candidates": write_candidates(candidates, out_dir / "candidates.csv")}
+    pictures = evidence_pictures(out_dir, result, queries, local, config, problems) if config is not None else {}
+    decided = first["decision"].value_counts().to_dict()
+    summary = (
+        f"{partner_name}: {len(first)} individuals ({len(queries)} pictures) matched against {local_name}: "
+        f"{len(local)} pictures of {local.entries['individual_id'].nunique()} individuals. Proposed shared: "
+        f"{decided.get(KNOWN, 0)}; to review: {decided.get(REVIEW, 0)}; no close local animal: "
+        f"{decided.get(NEW, 0)}. Confirm pairs by writing yes in the `confirmed` column of candidates.csv, then "
+        "run `python share.py mode=confirm`. Nothing is renamed until then."
+    )
+    files["report"] = write_report(
+        out_dir,
+        result.decisions,
+        result.matches,
+        queries,
+        local.entries,
+        thresholds=thresholds,
+        problems=problems,
+        title=f"Shared individuals: {partner_name} vs {local_name}",
+        summary=summary,
+        evidence=pictures,
+        score_label=scoring.method,
+    )
+    return candidates, files, problems
+
+
+def _same_features(partner: Gallery, local: Gallery) -> list[Features] | None:
+    """Return the partner's stored keypoint features if they were made with the local gallery's settings."""
+    theirs, ours = gallery_keypoints(partner), gallery_keypoints(local)
+    if theirs is None or ours is None or theirs[1] != ours[1]:
+        return None
+    return theirs[0]
+
+
+def write_candidates(candidates: SharedCandidates, path: str | Path) -> Path:
+    """Write the proposed pairs as CSV for review: fill `confirmed` with yes for the pairs you confirm."""
+    with atomic_write(path) as f:
+        candidates.pairs.to_csv(f, index=False)
+    return Path(path)
+
+
+def empty_aliases() -> pd.DataFrame:
+    """Return an alias table with no rows."""
+    return pd.DataFrame({c: pd.Series(dtype="string") for c in ALIAS_COLUMNS}).astype({"score": float})
+
+
+def load_aliases(path: str | Path) -> pd.DataFrame:
+    """Read the alias table (empty if the file does not exist yet)."""
+    path = Path(path)
+    if not path.exists():
+        return empty_aliases()
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise ReidError(f"{path}: not a readable alias table ({err}); restore it from a backup") from err
+    missing = [c for c in ALIAS_COLUMNS if c not in table.columns]
+    if missing:
+        raise ReidError(f"{path}: alias table without columns {missing}; restore it from a backup")
+    table = table[list(ALIAS_COLUMNS)].replace("", pd.NA).astype("string")
+    return table.astype({"score": float})
+
+
+def confirm_aliases(
+    aliases_path: str | Path,
+    reviewed: pd.DataFrame,
+    *,
+    confirmed_by: str,
+    local_namespace: str,
+    partner_namespace: str,
+    note: str = "",
+    when: datetime | None = None,
+) -> tuple[pd.DataFrame, list[Problem]]:
+    """Add the reviewed pairs marked confirmed (`confirmed` = yes) to the alias table; return it and what was skipped.
+
+    A pair already recorded is skipped; an ID already aliased to another ID of the
+    same partner catalogue is refused (one of the catalogues then holds one animal
+    twice, which its keepers must resolve first). The table is written atomically.
+    """
+    if not str(confirmed_by).strip():
+        raise ReidError('say who confirmed the pairs (confirmed_by="name"): the alias table records it')
+    missing = [c for c in ("partner_id", "local_id", CONFIRM_COLUMN) if c not in reviewed.columns]
+    if missing:
+        raise ReidError(f"the reviewed pairs have no columns {missing}; use the candidates.csv written by mode=shared")
+    aliases = load_aliases(aliases_path)
+    stamp = (when or datetime.now(UTC)).isoformat(timespec="seconds")
+    problems: list[Problem] = []
+    rows = []
+    confirmed = reviewed[reviewed[CONFIRM_COLUMN].fillna("").astype(str).str.strip().str.lower().isin(YES)]
+    for pair in confirmed.itertuples(index=False):
+        local_id, partner_id = str(pair.local_id), str(pair.partner_id)
+        same_partner = aliases["partner_namespace"] == partner_namespace
+        linked = aliases[same_partner & ((aliases["local_id"] == local_id) | (aliases["partner_id"] == partner_id))]
+        if ((linked["local_id"] == local_id) & (linked["partner_id"] == partner_id)).any():
+            problems.append(Problem(str(aliases_path), f"{local_id} = {partner_id}", "already recorded; skipped"))
+            continue
+        if len(linked):
+            other = linked.iloc[0]
+            raise ReidError(
+                f"{local_id} = {partner_id} conflicts with the recorded {other['local_id']} = {other['partner_id']} "
+                f"(confirmed by {other['confirmed_by']}); one catalogue holds one animal under two IDs: merge them "
+                "there first, or correct the alias table"
+            )
+        rows.append(
+            {
+                "local_id": local_id,
+                "partner_id": partner_id,
+                "local_namespace": local_namespace,
+                "partner_namespace": partner_namespace,
+                "score": float(getattr(pair, "score", np.nan)),
+                "sides": str(getattr(pair, "partner_sides", "")),
+                "confirmed_by": str(confirmed_by),
+                "confirmed_at": stamp,
+                "note": note,
+            }
+        )
+        aliases = pd.concat([aliases, pd.DataFrame([rows[-1]]).astype({"score": float})], ignore_index=True)
+    if rows:
+        with atomic_write(aliases_path) as f:
+            aliases.to_csv(f, index=False)
+    return aliases, problems
+
+
+def merged_catalogue(local: pd.DataFrame, partner: pd.DataFrame, aliases: pd.DataFrame) -> pd.DataFrame:
+    """Return both catalogues' captures as one table where aliased individuals share one ID (the local one).
+
+    Each partner ID with a confirmed alias is written as its local ID; the others
+    keep their own namespaced IDs, so no two different animals share an ID and no
+    ID is changed in either catalogue itself.
+    """
+    to_local = dict(zip(aliases["partner_id"].astype(str), aliases["local_id"].astype(str), strict=True))
+    partner = partner[list(COLUMN_NAMES)].copy()
+    partner["individual_id"] = pd.array(
+        [to_local.get(str(i), i) if not pd.isna(i) else i for i in partner["individual_id"]], dtype="string"
+    )
+    clash = set(local["individual_id"].dropna()) & set(partner["individual_id"].dropna()) - set(to_local.values())
+    if clash:
+        raise ReidError(
+            f"IDs {sorted(clash)[:5]} are used by both catalogues for animals not recorded as aliases; IDs must be "
+            "namespaced by their catalogue (KZ-..., TM-...)"
+        )
+    return pd.concat([local[list(COLUMN_NAMES)], partner], ignore_index=True)
+
+
+def merged_counts(
+    local: pd.DataFrame, partner: pd.DataFrame, aliases: pd.DataFrame, *, by: tuple[str, ...] = ("country",)
+) -> pd.DataFrame:
+    """Return minimum/maximum counts per group and for everything combined, counting aliased animals once."""
+    merged = merged_catalogue(local, partner, aliases)
+    combined = count_individuals(merged).assign(**{c: "all" for c in by})
+    return pd.concat([combined, count_individuals(merged, by=list(by))], ignore_index=True)
