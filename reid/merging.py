@@ -9,6 +9,7 @@ counts read the alias table, so an animal known to both teams counts once.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -16,9 +17,26 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from reid.analysis import evidence_pictures, gallery_keypoints, score_queries, scoring_of, thresholds_of
+from reid.analysis import (
+    build_gallery,
+    calibrate_gallery,
+    evidence_pictures,
+    gallery_keypoints,
+    score_queries,
+    scoring_of,
+    thresholds_of,
+    write_table,
+)
 from reid.catalogue import COLUMN_NAMES
 from reid.census import count_individuals
+from reid.ecology import (
+    export_camtrap_dp,
+    multimark_histories,
+    secr_capture_history,
+    validate_camtrap_dp,
+    write_multimark,
+    write_secr,
+)
 from reid.errors import Problem, ReidError
 from reid.files import atomic_write
 from reid.fusion import KEYPOINTS_FILE, ScoreFusion
@@ -27,7 +45,8 @@ from reid.keypoints import Features, KeypointConfig, extract_rows, features_to_b
 from reid.matching import KNOWN, NEW, REVIEW, MatchResult, Thresholds
 from reid.models import Embedder, embed_images, model_fingerprint
 from reid.report import write_report
-from reid.sharing import ImportedCatalogue
+from reid.sharing import ImportedCatalogue, export_catalogue, import_catalogue
+from reid.synthetic import country_catalogues
 
 ALIAS_COLUMNS = (
     "local_id",
@@ -275,7 +294,7 @@ def confirm_aliases(
             }
         )
         aliases = pd.concat([aliases, pd.DataFrame([rows[-1]]).astype({"score": float})], ignore_index=True)
-    if rows:
+    if rows or not Path(aliases_path).exists():
         with atomic_write(aliases_path) as f:
             aliases.to_csv(f, index=False)
     return aliases, problems
@@ -309,3 +328,139 @@ def merged_counts(
     merged = merged_catalogue(local, partner, aliases)
     combined = count_individuals(merged).assign(**{c: "all" for c in by})
     return pd.concat([combined, count_individuals(merged, by=list(by))], ignore_index=True)
+
+
+def write_capture_histories(
+    catalogue: pd.DataFrame,
+    out_dir: str | Path,
+    *,
+    occasion_days: float = 1,
+    start: str | None = None,
+    session: str = "1",
+) -> dict[str, Path]:
+    """Write secr capture and trap files (one pair per flank) and multimark histories into `out_dir`."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for side in ("left", "right"):
+        captures, traps = secr_capture_history(
+            catalogue, occasion_days=occasion_days, start=start, side=side, session=session
+        )
+        files[f"secr_{side}"] = out_dir / f"secr_captures_{side}.txt"
+        files[f"secr_traps_{side}"] = out_dir / f"secr_traps_{side}.txt"
+        write_secr(captures, traps, files[f"secr_{side}"], files[f"secr_traps_{side}"])
+    files["multimark"] = out_dir / "multimark.csv"
+    write_multimark(multimark_histories(catalogue, occasion_days=occasion_days, start=start), files["multimark"])
+    return files
+
+
+def write_camtrap_dp(
+    catalogue: pd.DataFrame,
+    out_dir: str | Path,
+    *,
+    organisation: str,
+    schemas_dir: str | Path | None,
+    precision_deg: float = 0.1,
+    exact_coordinates: bool = False,
+) -> tuple[Path, list[Problem]]:
+    """Export the catalogue as a Camtrap DP package and validate it offline; return it and any validation errors."""
+    package = export_camtrap_dp(
+        catalogue, out_dir, organisation=organisation, precision_deg=precision_deg, exact_coordinates=exact_coordinates
+    )
+    if schemas_dir is None or not Path(schemas_dir).is_dir():
+        return package, [
+            Problem(
+                str(package),
+                "validation",
+                f"not validated: no Camtrap DP schemas at {schemas_dir}; set "
+                "camtrap_dp_schemas to a folder with the official table schemas",
+            )
+        ]
+    return package, [Problem(str(package), "validation", error) for error in validate_camtrap_dp(package, schemas_dir)]
+
+
+def run_demo(
+    population: pd.DataFrame,
+    individuals: pd.DataFrame,
+    embedder: Embedder,
+    run_dir: str | Path,
+    *,
+    schemas_dir: str | Path | None = None,
+    shortlist: int = 30,
+    progress: bool = True,
+) -> tuple[dict[str, Path], dict, list[Problem]]:
+    """Run every sharing step on a synthetic population seen by two teams; return files, a truth check, problems.
+
+    Each team (KZ, TM) builds and calibrates its own gallery with its own IDs; TM
+    exports an archive, KZ imports it, matches it, and (standing in for the person
+    who reviews the report) confirms the pairs decided "known"; merged counts and
+    the ecology exports follow. The truth check compares with the true identities.
+    """
+    run_dir = Path(run_dir)
+    problems: list[Problem] = []
+    catalogues = country_catalogues(population, individuals)
+    missing = {"KZ", "TM"} - set(catalogues)
+    if missing:
+        raise ReidError(f"the demo population has no {sorted(missing)} captures; use stations in KZ and TM")
+    folders = {}
+    for country in ("KZ", "TM"):
+        folders[country] = run_dir / f"gallery-{country}"
+        gallery, more = build_gallery(
+            catalogues[country], embedder, folders[country], keypoints=KeypointConfig(), progress=progress
+        )
+        problems += more
+        calibrate_gallery(gallery, folders[country], scoring=ScoreFusion("fused", shortlist), progress=progress)
+    files: dict[str, Path] = {}
+    files["archive"] = export_catalogue(
+        folders["TM"],
+        run_dir / "TM-catalogue.tar.gz",
+        organisation="Turkmen team (demo)",
+        namespace="TM",
+        crops=True,
+        progress=progress,
+    )
+    imported = import_catalogue(files["archive"], run_dir / "partners", progress=progress)
+    partner, pictures, more = partner_gallery(imported, embedder, progress=progress)
+    problems += more
+    local = Gallery.load(folders["KZ"])
+    candidates, written, more = find_shared_individuals(
+        local, partner, pictures, run_dir, local_name="KZ", partner_name="TM", progress=progress
+    )
+    files.update(written)
+    problems += more
+    reviewed = candidates.pairs.assign(**{CONFIRM_COLUMN: np.where((candidates.pairs["decision"] == KNOWN), "yes", "")})
+    files["aliases"] = run_dir / "aliases.csv"
+    aliases, _ = confirm_aliases(
+        files["aliases"],
+        reviewed,
+        confirmed_by="demo: every pair decided known",
+        local_namespace="KZ",
+        partner_namespace="TM",
+        note="synthetic demo; a person confirms pairs in real use",
+    )
+    counts = merged_counts(catalogues["KZ"], catalogues["TM"], aliases)
+    files["counts"] = write_table(counts.drop(columns="individuals"), run_dir / "merged_counts.csv")
+    files.update(write_capture_histories(merged_catalogue(catalogues["KZ"], catalogues["TM"], aliases), run_dir))
+    files["camtrap_dp"], more = write_camtrap_dp(
+        catalogues["KZ"], run_dir / "camtrap-dp-KZ", organisation="Kazakh team (demo)", schemas_dir=schemas_dir
+    )
+    problems += more
+    shared = individuals[(individuals["kz_id"] != "") & (individuals["tm_id"] != "")]
+    true_pairs = set(zip(shared["tm_id"], shared["kz_id"], strict=True))
+    found = set(zip(aliases["partner_id"], aliases["local_id"], strict=True))
+    truth = count_individuals(population[population["country"].isin(["KZ", "TM"])]).iloc[0]
+    combined = counts[counts["country"] == "all"].iloc[0]
+    check = {
+        "shared_individuals_true": len(true_pairs),
+        "aliases_confirmed": len(found),
+        "aliases_right": len(found & true_pairs),
+        "aliases_wrong": len(found - true_pairs),
+        "merged_minimum": int(combined["minimum"]),
+        "true_minimum": int(truth["minimum"]),
+        "merged_maximum": int(combined["maximum"]),
+        "true_individuals": int(population["individual_id"].nunique()),
+    }
+    with atomic_write(run_dir / "truth_check.json") as f:
+        json.dump(check, f, indent=2)
+    files["truth_check"] = run_dir / "truth_check.json"
+    return files, check, problems

@@ -48,7 +48,15 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
-from reid.catalogue import BBOX_COLUMNS, COLUMN_NAMES, SIDES, build_catalogue, generalise_coordinates, save_catalogue
+from reid.catalogue import (
+    BBOX_COLUMNS,
+    COLUMN_NAMES,
+    SIDES,
+    build_catalogue,
+    generalise_coordinates,
+    load_catalogue,
+    save_catalogue,
+)
 from reid.errors import Problem, ReidError, report
 from reid.files import atomic_write, sha256_file
 from reid.gallery import CURRENT_FILE, EMBEDDINGS_FILE, ENTRIES_FILE, MANIFEST_FILE, Gallery, read_manifest
@@ -215,6 +223,26 @@ def import_catalogue(archive: str | Path, dest_dir: str | Path, *, progress: boo
         folder, marker = _target_folder(archive, dest_dir, manifest)
         # Every check has passed: from here on, dest_dir/<namespace> is written.
         return _install(archive, folder, marker, manifest, staged, gallery, crops_index)
+
+
+def load_imported(folder: str | Path) -> ImportedCatalogue:
+    """Return the partner catalogue imported into `folder` (dest_dir/<namespace>), as its newest import left it."""
+    folder = Path(folder)
+    if not (folder / MARKER_FILE).is_file():
+        raise ReidError(
+            f"{folder}: not an imported partner catalogue ({MARKER_FILE} missing); import one with "
+            "`python share.py mode=import archive=...`"
+        )
+    gallery = Gallery.load(folder)
+    version_dir = folder / (folder / CURRENT_FILE).read_text().strip()
+    record = folder / IMPORTS_DIR / version_dir.name
+    try:
+        manifest = json.loads((record / MANIFEST_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ReidError(f"{record / MANIFEST_FILE}: unreadable ({err}); import the partner's archive again") from err
+    crops_path = record / CROPS_INDEX_FILE
+    crops = load_catalogue(crops_path) if crops_path.is_file() else None
+    return ImportedCatalogue(gallery, manifest, folder, version_dir, crops)
 
 
 def software_version() -> str:
