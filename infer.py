@@ -12,7 +12,6 @@ Results go to outputs/infer/<date>_<time>/: matches.csv, decisions.csv, counts.j
 from __future__ import annotations
 
 import os
-import sys
 
 # Before albumentations is imported: it would ask PyPI for its latest version.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -26,7 +25,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from reid import analysis
-from reid.errors import Problem, ReidError, report
+from reid.errors import Problem, ReidError, run_and_report
 from reid.fusion import ScoreFusion
 from reid.gallery import Gallery
 from reid.keypoints import KeypointConfig
@@ -42,14 +41,7 @@ def main(cfg: DictConfig) -> None:
         torch.set_num_threads(cfg.threads)
     run_dir = Path(cfg.paths.run_dir)
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-    try:
-        files, problems = run(cfg, run_dir)
-    except ReidError as err:
-        log.error("%s", err)
-        sys.exit(1)
-    report(problems, what=f"mode={cfg.mode}")
-    for name, path in files.items():
-        print(f"{name:>12}: {path}")
+    run_and_report(lambda: run(cfg, run_dir), what=f"mode={cfg.mode}")
 
 
 def run(cfg: DictConfig, run_dir: Path) -> tuple[dict[str, Path], list[Problem]]:
@@ -63,7 +55,7 @@ def run(cfg: DictConfig, run_dir: Path) -> tuple[dict[str, Path], list[Problem]]
     use_gallery = calibration.pop("use_gallery")  # type: ignore[union-attr]
     calibration["calibration_method"] = cfg.scoring.calibration  # type: ignore[index]
     keypoints = KeypointConfig.from_dict(OmegaConf.to_container(cfg.keypoints)) if cfg.keypoints else None
-    scoring = ScoreFusion(cfg.scoring.method, cfg.scoring.shortlist)
+    scoring = ScoreFusion(cfg.scoring.method, cfg.scoring.shortlist, cfg.scoring.rule)
     if cfg.mode == "count":
         table, problems = analysis.load_source(instantiate(cfg.data.source))
         counts = analysis.count_catalogue(table, by=tuple(cfg.count_by), period=cfg.period)

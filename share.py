@@ -15,7 +15,6 @@ Results go to outputs/share/<date>_<time>/.
 from __future__ import annotations
 
 import os
-import sys
 
 # Before albumentations is imported: it would ask PyPI for its latest version.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -29,7 +28,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from reid import analysis, merging, sharing
-from reid.errors import Problem, ReidError, report
+from reid.errors import Problem, ReidError, run_and_report
 from reid.gallery import Gallery
 from reid.synthetic import SyntheticConfig, ensure_dataset, load_individuals
 
@@ -44,14 +43,7 @@ def main(cfg: DictConfig) -> None:
         torch.set_num_threads(cfg.threads)
     run_dir = Path(cfg.paths.run_dir)
     OmegaConf.save(cfg, run_dir / "config.yaml")
-    try:
-        files, problems = run(cfg, run_dir)
-    except ReidError as err:
-        log.error("%s", err)
-        sys.exit(1)
-    report(problems, what=f"mode={cfg.mode}")
-    for name, path in files.items():
-        print(f"{name:>18}: {path}")
+    run_and_report(lambda: run(cfg, run_dir), what=f"mode={cfg.mode}")
 
 
 def run(cfg: DictConfig, run_dir: Path) -> tuple[dict[str, Path], list[Problem]]:

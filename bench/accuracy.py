@@ -58,7 +58,7 @@ from reid.training import as_catalogue
 
 ROOT = Path(__file__).resolve().parents[1]
 SHORTLISTS = (10, 25, 50, 100)
-CALIBRATION_SHORTLIST = 50
+CALIBRATION = "isotonic"
 
 
 def main() -> None:
@@ -75,6 +75,9 @@ def main() -> None:
         "--open-set-unseen", type=float, default=0.3, help="share of individuals left out of the gallery"
     )
     parser.add_argument("--keypoints", default="rootsift", choices=["rootsift", "sift", "orb", "akaze"])
+    parser.add_argument("--rule", default=ScoreFusion().rule, choices=["mean", "log_odds"], help="fusion rule")
+    parser.add_argument("--calibration", default=CALIBRATION, choices=["logistic", "isotonic"])
+    parser.add_argument("--shortlist", type=int, default=ScoreFusion().shortlist, help="B of the open-set run")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
@@ -101,7 +104,14 @@ def main() -> None:
     cosine = emb @ emb.T
     inliers, pair_ms = all_pair_inliers(features, allowed, config)
     folds = individual_folds(table, args.seed)
-    fused, calibrations = cross_fitted_fusion(cosine, inliers, allowed, ids, folds)
+    whole = allowed.shape[1]
+    # Each shortlist size is calibrated on the pairs it re-ranks: the other fold's top-B pairs.
+    fusion_options = dict(rule=args.rule, method=args.calibration)
+    fused, calibrations = cross_fitted_fusion(cosine, inliers, allowed, ids, folds, whole, **fusion_options)
+    other_rule = "log_odds" if args.rule == "mean" else "mean"
+    other, _ = cross_fitted_fusion(
+        cosine, inliers, allowed, ids, folds, whole, rule=other_rule, method=args.calibration
+    )
 
     rows = []
     search_ms = faiss_ms(emb, len(table))
@@ -109,11 +119,13 @@ def main() -> None:
     methods = {
         "embedding": (cosine, embed_ms + search_ms),
         "keypoints (whole gallery)": (inliers, extract_ms + n_gallery * pair_ms),
-        "fused (whole gallery)": (fused, embed_ms + extract_ms + search_ms + n_gallery * pair_ms),
+        f"fused {args.rule} (whole gallery)": (fused, embed_ms + extract_ms + search_ms + n_gallery * pair_ms),
+        f"fused {other_rule} (whole gallery)": (other, embed_ms + extract_ms + search_ms + n_gallery * pair_ms),
     }
     for b in SHORTLISTS:
-        methods[f"fused, shortlist B={b}"] = (
-            rerank(cosine, fused, allowed, b),
+        fused_b, _ = cross_fitted_fusion(cosine, inliers, allowed, ids, folds, b, **fusion_options)
+        methods[f"fused {args.rule}, shortlist B={b}"] = (
+            rerank(cosine, fused_b, allowed, b),
             embed_ms + extract_ms + search_ms + min(b, n_gallery) * pair_ms,
         )
         methods[f"keypoints, shortlist B={b}"] = (
@@ -124,12 +136,22 @@ def main() -> None:
     for method, (scores, ms) in methods.items():
         metrics = retrieval_metrics(scores, ids, ids, topk=(1, 5), allowed=allowed)
         ranks[method] = first_match_ranks(scores, ids, ids, allowed=allowed)
-        rows.append(
-            {"method": method, **{k: metrics[k] for k in ("top1", "top5", "mAP", "queries")}, "ms_per_query": ms}
-        )
+        scored = {k: metrics[k] for k in ("top1", "top5", "mAP")}
+        rows.append({"method": method, **scored, "queries": int(metrics["queries"]), "ms_per_query": ms})
     closed = pd.DataFrame(rows)
 
-    open_set = open_set_rates(table, emb, features, config, folds, args.open_set_unseen, args.seed)
+    open_set = open_set_rates(
+        table,
+        emb,
+        features,
+        config,
+        folds,
+        args.open_set_unseen,
+        args.seed,
+        args.rule,
+        args.calibration,
+        args.shortlist,
+    )
     growth = cost_growth(emb.shape[1], embed_ms, extract_ms, pair_ms)
     write_results(
         out, table, closed, open_set, growth, ranks, cosine, inliers, fused, allowed, ids, folds, calibrations
@@ -242,20 +264,29 @@ def shortlist_mask(cosine: np.ndarray, allowed: np.ndarray, b: int) -> np.ndarra
 
 
 def cross_fitted_fusion(
-    cosine: np.ndarray, inliers: np.ndarray, allowed: np.ndarray, ids: np.ndarray, folds: np.ndarray
+    cosine: np.ndarray,
+    inliers: np.ndarray,
+    allowed: np.ndarray,
+    ids: np.ndarray,
+    folds: np.ndarray,
+    shortlist: int,
+    *,
+    rule: str,
+    method: str,
 ) -> tuple[np.ndarray, dict]:
-    """Return (N, N) fused scores, each query's row scored by calibrations fitted on the other fold's pairs."""
+    """Return (N, N) fused scores, each query's row scored by calibrations fitted on the other fold's top-B pairs."""
     fused = np.zeros_like(cosine)
     same = ids[:, None] == ids[None, :]
-    shortlisted = shortlist_mask(cosine, allowed, CALIBRATION_SHORTLIST)
+    shortlisted = shortlist_mask(cosine, allowed, shortlist)
     calibrations = {}
     for fold in (0, 1):
         inside = folds == fold
         fit = shortlisted & inside[:, None] & inside[None, :]
         fusion = ScoreFusion(
             "fused",
-            embedding=fit_calibration(cosine[fit], same[fit]),
-            keypoints=fit_calibration(inliers[fit], same[fit], log_scale=True),
+            rule=rule,  # type: ignore[arg-type]
+            embedding=fit_calibration(cosine[fit], same[fit], method=method),  # type: ignore[arg-type]
+            keypoints=fit_calibration(inliers[fit], same[fit], method=method, log_scale=True),  # type: ignore[arg-type]
         )
         calibrations[f"fitted_on_fold{fold}"] = json.loads(fusion.to_json())
         fused[~inside] = fusion.combine(cosine[~inside], inliers[~inside])
@@ -303,6 +334,9 @@ def open_set_rates(
     folds: np.ndarray,
     unseen: float,
     seed: int,
+    rule: str,
+    calibration: str,
+    shortlist: int,
 ) -> pd.DataFrame:
     """Return per score method the false-new and false-merge rates and count bounds against the truth (both folds)."""
     rows = []
@@ -318,7 +352,8 @@ def open_set_rates(
                 emb[calib],
                 features=sub,
                 keypoint_config=config,
-                scoring=ScoreFusion(method, CALIBRATION_SHORTLIST),
+                scoring=ScoreFusion(method, shortlist, rule),  # type: ignore[arg-type]
+                calibration_method=calibration,  # type: ignore[arg-type]
                 seed=seed,
             )
             split = split_catalogue(test_rows, "open_set", unseen_fraction=unseen, test_fraction=0.3, seed=seed)

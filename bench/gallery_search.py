@@ -40,11 +40,15 @@ def main() -> None:
     set_threads(args.threads)
     rng = np.random.default_rng(0)
     print(f"dim {args.dim}, {args.queries} queries, k={args.k}, {args.threads} threads")
-    print(f"{'entries':>9} {'kind':>5} {'build s':>8} {'batch ms/q':>10} {'single ms/q':>11} {'index MB':>9} {'recall@10':>9}")
+    print(
+        f"{'entries':>9} {'kind':>5} {'build s':>8} {'batch ms/q':>10} {'single ms/q':>11} {'index MB':>9} {'recall@10':>9}"
+    )
     for n in args.sizes:
         gallery = clustered(n, args.dim, rng)
         picked = rng.choice(n, args.queries, replace=False)
-        queries = gallery[picked] + rng.standard_normal((args.queries, args.dim), dtype=np.float32) * (0.3 / np.sqrt(args.dim))
+        queries = gallery[picked] + rng.standard_normal((args.queries, args.dim), dtype=np.float32) * (
+            0.3 / np.sqrt(args.dim)
+        )
         queries /= np.linalg.norm(queries, axis=1, keepdims=True)
         exact_ids = None
         for kind in ("flat", "ivf", "hnsw"):

@@ -145,7 +145,7 @@ def calibrate_thresholds(
     pairs of one split, and the thresholds are then chosen on another split, so
     neither step is judged on the data it was fitted to.
     """
-    scoring = ScoreFusion() if scoring is None else ScoreFusion(scoring.method, scoring.shortlist)
+    scoring = ScoreFusion() if scoring is None else ScoreFusion(scoring.method, scoring.shortlist, scoring.rule)
     keep = labelled["individual_id"].notna().to_numpy()
     labelled, embeddings = labelled[keep].reset_index(drop=True), embeddings[keep]
     if features is not None:
@@ -223,6 +223,34 @@ def _subset(features: list[Features] | None, mask: np.ndarray) -> list[Features]
     return None if features is None else [f for f, m in zip(features, mask, strict=True) if m]
 
 
+def _split_and_scorer(
+    labelled: pd.DataFrame,
+    embeddings: np.ndarray,
+    features: list[Features] | None,
+    keypoint_config: KeypointConfig | None,
+    scoring: ScoreFusion,
+    test_fraction: float,
+    unseen_fraction: float,
+    seed: int,
+    progress: bool,
+) -> tuple[np.ndarray, np.ndarray, Gallery, FusedScorer]:
+    """Return (reference mask, query mask, reference gallery, scorer of the queries) of an open-set split."""
+    reference, queries = _open_set_split(
+        labelled, test_fraction=test_fraction, unseen_fraction=unseen_fraction, seed=seed
+    )
+    gallery = _reference_gallery(labelled, embeddings, reference)
+    scorer = _scorer(
+        scoring,
+        embeddings[queries],
+        gallery.embeddings,
+        _subset(features, queries),
+        _subset(features, reference),
+        keypoint_config,
+        progress,
+    )
+    return reference, queries, gallery, scorer
+
+
 def _shortlist_pairs(
     labelled: pd.DataFrame,
     embeddings: np.ndarray,
@@ -237,19 +265,9 @@ def _shortlist_pairs(
     progress: bool,
 ) -> pd.DataFrame:
     """Return the (query, shortlisted gallery entry) pairs of an open-set split with cosine, inliers and same."""
-    reference, queries = _open_set_split(
-        labelled, test_fraction=test_fraction, unseen_fraction=unseen_fraction, seed=seed
-    )
-    gallery = _reference_gallery(labelled, embeddings, reference)
     raw = ScoreFusion("keypoints", scoring.shortlist)
-    scorer = _scorer(
-        raw,
-        embeddings[queries],
-        gallery.embeddings,
-        _subset(features, queries),
-        _subset(features, reference),
-        keypoint_config,
-        progress,
+    _, queries, gallery, scorer = _split_and_scorer(
+        labelled, embeddings, features, keypoint_config, raw, test_fraction, unseen_fraction, seed, progress
     )
     sides = labelled.loc[queries, "side"].fillna("unknown").to_numpy(dtype=object)
     cosine, rows = gallery.search(embeddings[queries], sides, scoring.shortlist)
@@ -281,18 +299,8 @@ def _decisions_on_split(
     progress: bool,
 ) -> pd.DataFrame:
     """Return one row per query encounter of an open-set split: truth, whether enrolled, top candidate and score."""
-    reference, queries = _open_set_split(
-        labelled, test_fraction=test_fraction, unseen_fraction=unseen_fraction, seed=seed
-    )
-    gallery = _reference_gallery(labelled, embeddings, reference)
-    scorer = _scorer(
-        scoring,
-        embeddings[queries],
-        gallery.embeddings,
-        _subset(features, queries),
-        _subset(features, reference),
-        keypoint_config,
-        progress,
+    reference, queries, gallery, scorer = _split_and_scorer(
+        labelled, embeddings, features, keypoint_config, scoring, test_fraction, unseen_fraction, seed, progress
     )
     # Thresholds that are never reached: every encounter keeps its raw top score.
     result = match_captures(gallery, labelled[queries], embeddings[queries], thresholds, k=k, scorer=scorer)

@@ -7,8 +7,10 @@ a `ReidError` stops the operation because going on would be wrong.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+import sys
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 log = logging.getLogger("reid")
 
@@ -41,3 +43,19 @@ def report(problems: Iterable[Problem], *, what: str, max_lines: int = 20) -> No
         log.warning("%s", problem)
     if len(problems) > max_lines:
         log.warning("... and %d more problems while %s", len(problems) - max_lines, what)
+
+
+def run_and_report(run: Callable[[], tuple[Mapping[str, Any], list[Problem]]], *, what: str) -> None:
+    """Run an entry point's step: log its problems and print the files it wrote; exit 1 with the message on ReidError.
+
+    A user's bad input ends in one readable line, never a traceback.
+    """
+    try:
+        files, problems = run()
+    except ReidError as err:
+        log.error("%s", err)
+        sys.exit(1)
+    report(problems, what=what)
+    width = max((len(name) for name in files), default=0)
+    for name, path in files.items():
+        print(f"{name:>{width}}: {path}")

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from typing import Literal
 
 import numpy as np
-from scipy.special import expit
+from scipy.special import expit, logit
 from sklearn.isotonic import IsotonicRegression
 from sklearn.linear_model import LogisticRegression
 
@@ -30,8 +30,10 @@ from reid.keypoints import Features, KeypointConfig, score_pairs
 FUSION_FILE = "fusion.json"
 KEYPOINTS_FILE = "keypoints.npz"
 ScoreMethod = Literal["embedding", "keypoints", "fused"]
+FusionRule = Literal["mean", "log_odds"]
 CalibrationMethod = Literal["logistic", "isotonic"]
 SCORE_METHODS: tuple[str, ...] = ("embedding", "keypoints", "fused")
+_EPS = 1e-6  # isotonic calibrations reach 0 and 1 exactly; log-odds need a finite value
 
 
 @dataclass(frozen=True)
@@ -124,12 +126,17 @@ class ScoreFusion:
     method: ScoreMethod = "embedding"
     shortlist: int = 50
     """B: embedding neighbours re-scored by the keypoint matcher, per query."""
+    rule: FusionRule = "mean"
+    """How calibrated probabilities are fused: their mean (WildFusion), or the sum of their log-odds (independent
+    evidence, naive Bayes), which lets a confident matcher outweigh an uninformative one."""
     embedding: Calibration | None = None
     keypoints: Calibration | None = None
 
     def __post_init__(self) -> None:
         if self.method not in SCORE_METHODS:
             raise ReidError(f"score method {self.method!r} is not one of {', '.join(SCORE_METHODS)}")
+        if self.rule not in ("mean", "log_odds"):
+            raise ReidError(f"fusion rule {self.rule!r} is not one of mean, log_odds")
         if self.shortlist < 1:
             raise ReidError(f"shortlist must be at least 1, got {self.shortlist}")
 
@@ -150,7 +157,8 @@ class ScoreFusion:
         """Return the final scores of pairs from their cosine similarities and keypoint inlier counts.
 
         Embedding alone keeps the cosine; keypoints alone is P(same | inliers),
-        or the raw count before calibration; fused is the mean of both probabilities.
+        or the raw count before calibration; fused is the mean of both probabilities,
+        or with rule log_odds the probability whose log-odds are the sum of theirs.
         """
         cosine = np.asarray(cosine, dtype=float)
         if self.method == "embedding":
@@ -162,7 +170,12 @@ class ScoreFusion:
             return self.keypoints(inliers) if self.keypoints is not None else inliers
         if self.embedding is None or self.keypoints is None:
             raise ReidError("fused scores need both calibrations; run calibration (`python infer.py mode=calibrate`)")
-        fused = (self.embedding(cosine) + self.keypoints(inliers)) / 2
+        p_embedding, p_keypoints = self.embedding(cosine), self.keypoints(inliers)
+        if self.rule == "mean":
+            fused = (p_embedding + p_keypoints) / 2
+        else:
+            # Both calibrations assume a 50/50 prior, so the prior's log-odds (0) need not be subtracted.
+            fused = expit(logit(np.clip(p_embedding, _EPS, 1 - _EPS)) + logit(np.clip(p_keypoints, _EPS, 1 - _EPS)))
         return np.where(np.isfinite(cosine), fused, -np.inf)
 
     def to_json(self) -> str:
@@ -185,6 +198,7 @@ class ScoreFusion:
             return cls(
                 method=data["method"],
                 shortlist=int(data["shortlist"]),
+                rule=data.get("rule", "mean"),
                 **calibrations,
             )
         except (ValueError, KeyError, TypeError) as err:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from reid.errors import ReidError
-from reid.fusion import FusedScorer, ScoreFusion, fit_calibration
+from reid.fusion import Calibration, FusedScorer, ScoreFusion, fit_calibration
 from reid.gallery import Gallery
 from reid.keypoints import KeypointConfig, extract_rows, score_pairs
 
@@ -116,3 +116,15 @@ def test_shortlist_as_large_as_the_gallery_ranks_like_the_matcher_alone(flank_ca
         reranked = rows[q][np.argsort(-rescored[q], kind="stable")]
         assert np.all(np.diff(alone[q][reranked]) <= 0)
     assert alone.max() > 10  # the queries do find their own flanks
+
+
+def test_log_odds_rule_adds_the_evidence_and_ignores_an_uninformative_matcher() -> None:
+    identity = Calibration("logistic", coef=1.0, intercept=0.0)  # P = sigmoid(score)
+    cosine, inliers = np.array([np.log(9.0), 0.0]), np.array([0.0, np.log(4.0)])  # P 0.9 / 0.5 and 0.5 / 0.8
+    mean = ScoreFusion("fused", embedding=identity, keypoints=identity, rule="mean").combine(cosine, inliers)
+    log_odds = ScoreFusion("fused", embedding=identity, keypoints=identity, rule="log_odds").combine(cosine, inliers)
+    np.testing.assert_allclose(mean, [0.7, 0.65])
+    # Odds 9 x 1 = 9 -> 0.9; odds 1 x 4 = 4 -> 0.8: a 50/50 matcher changes nothing.
+    np.testing.assert_allclose(log_odds, [0.9, 0.8])
+    with pytest.raises(ReidError, match="fusion rule"):
+        ScoreFusion("fused", rule="max")  # type: ignore[arg-type]
