@@ -46,7 +46,7 @@ from PIL import Image
 
 from reid import analysis
 from reid.census import count_individuals
-from reid.fusion import FusedScorer, ScoreFusion, fit_calibration
+from reid.fusion import DEFAULT_CALIBRATION, FusedScorer, ScoreFusion, fit_calibration
 from reid.gallery import Gallery
 from reid.index import EmbeddingIndex
 from reid.keypoints import KeypointConfig, draw_correspondences, extract, extract_rows, match, read_crop, score_pairs
@@ -58,7 +58,6 @@ from reid.training import as_catalogue
 
 ROOT = Path(__file__).resolve().parents[1]
 SHORTLISTS = (10, 25, 50, 100)
-CALIBRATION = "isotonic"
 
 
 def main() -> None:
@@ -76,7 +75,7 @@ def main() -> None:
     )
     parser.add_argument("--keypoints", default="rootsift", choices=["rootsift", "sift", "orb", "akaze"])
     parser.add_argument("--rule", default=ScoreFusion().rule, choices=["mean", "log_odds"], help="fusion rule")
-    parser.add_argument("--calibration", default=CALIBRATION, choices=["logistic", "isotonic"])
+    parser.add_argument("--calibration", default=DEFAULT_CALIBRATION, choices=["logistic", "isotonic"])
     parser.add_argument("--shortlist", type=int, default=ScoreFusion().shortlist, help="B of the open-set run")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--seed", type=int, default=0)

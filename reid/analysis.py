@@ -22,7 +22,15 @@ from reid.catalogue import BBOX_COLUMNS, COLUMN_NAMES, load_catalogue, validate
 from reid.census import count_individuals
 from reid.errors import Problem, ReidError, log
 from reid.files import atomic_write, sha256_file
-from reid.fusion import FUSION_FILE, KEYPOINTS_FILE, CalibrationMethod, FusedScorer, ScoreFusion, fit_calibration
+from reid.fusion import (
+    DEFAULT_CALIBRATION,
+    FUSION_FILE,
+    KEYPOINTS_FILE,
+    CalibrationMethod,
+    FusedScorer,
+    ScoreFusion,
+    fit_calibration,
+)
 from reid.gallery import Gallery, GalleryError
 from reid.images import ImageReadError
 from reid.importers import ImportResult
@@ -126,7 +134,7 @@ def calibrate_thresholds(
     features: list[Features] | None = None,
     keypoint_config: KeypointConfig | None = None,
     scoring: ScoreFusion | None = None,
-    calibration_method: CalibrationMethod = "logistic",
+    calibration_method: CalibrationMethod = DEFAULT_CALIBRATION,
     unseen_fraction: float = 0.3,
     test_fraction: float = 0.3,
     max_false_merge: float = 0.05,

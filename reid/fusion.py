@@ -32,6 +32,8 @@ KEYPOINTS_FILE = "keypoints.npz"
 ScoreMethod = Literal["embedding", "keypoints", "fused"]
 FusionRule = Literal["mean", "log_odds"]
 CalibrationMethod = Literal["logistic", "isotonic"]
+DEFAULT_CALIBRATION: CalibrationMethod = "isotonic"
+"""Isotonic: the keypoint score is step-shaped (no correspondences, then many), which a logistic curve fits badly."""
 SCORE_METHODS: tuple[str, ...] = ("embedding", "keypoints", "fused")
 _EPS = 1e-6  # isotonic calibrations reach 0 and 1 exactly; log-odds need a finite value
 
@@ -67,7 +69,7 @@ class Calibration:
 
 
 def fit_calibration(
-    scores: np.ndarray, same: np.ndarray, *, method: CalibrationMethod = "logistic", log_scale: bool = False
+    scores: np.ndarray, same: np.ndarray, *, method: CalibrationMethod = DEFAULT_CALIBRATION, log_scale: bool = False
 ) -> Calibration:
     """Return the calibration of raw pair scores against whether each pair is the same individual."""
     scores, same = np.asarray(scores, dtype=float), np.asarray(same, dtype=bool)
@@ -124,9 +126,11 @@ class ScoreFusion:
     """How candidate scores are made: embedding alone, keypoints alone, or both calibrated and averaged."""
 
     method: ScoreMethod = "embedding"
-    shortlist: int = 50
-    """B: embedding neighbours re-scored by the keypoint matcher, per query."""
-    rule: FusionRule = "mean"
+    shortlist: int = 200
+    """B: embedding neighbours re-scored by the keypoint matcher, per query. Generous by default: a young
+    catalogue's embedding is weak, and a match outside the shortlist cannot be found (200 pairs take about
+    0.1 s per query)."""
+    rule: FusionRule = "log_odds"
     """How calibrated probabilities are fused: their mean (WildFusion), or the sum of their log-odds (independent
     evidence, naive Bayes), which lets a confident matcher outweigh an uninformative one."""
     embedding: Calibration | None = None
@@ -198,7 +202,7 @@ class ScoreFusion:
             return cls(
                 method=data["method"],
                 shortlist=int(data["shortlist"]),
-                rule=data.get("rule", "mean"),
+                rule=data.get("rule", "log_odds"),
                 **calibrations,
             )
         except (ValueError, KeyError, TypeError) as err:

@@ -386,7 +386,7 @@ def run_demo(
     run_dir: str | Path,
     *,
     schemas_dir: str | Path | None = None,
-    shortlist: int = 30,
+    shortlist: int = 200,
     progress: bool = True,
 ) -> tuple[dict[str, Path], dict, list[Problem]]:
     """Run every sharing step on a synthetic population seen by two teams; return files, a truth check, problems.

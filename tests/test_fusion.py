@@ -42,7 +42,7 @@ def test_count_calibration_works_on_log_counts_and_missing_scores_give_zero() ->
 def test_calibration_refuses_too_few_pairs_and_flattens_a_score_that_does_not_rise(caplog) -> None:
     with pytest.raises(ReidError, match="at least 2 same-individual"):
         fit_calibration(np.array([0.9, 0.1, 0.2]), np.array([True, False, False]))
-    flat = fit_calibration(np.array([0.1, 0.2, 0.8, 0.9]), np.array([True, True, False, False]))
+    flat = fit_calibration(np.array([0.1, 0.2, 0.8, 0.9]), np.array([True, True, False, False]), method="logistic")
     assert "does not rise" in caplog.text
     # Uninformative: every score gets the balanced prior, so in a fusion the other matcher decides alone.
     np.testing.assert_allclose(flat(np.array([0.0, 0.5, 1.0])), 0.5)
@@ -73,7 +73,7 @@ def test_fused_score_is_the_mean_of_the_calibrated_probabilities() -> None:
     cosine, same = _pairs(rng)
     inliers = np.where(same, rng.poisson(25, len(same)), rng.poisson(5, len(same))).astype(float)
     emb, kp = fit_calibration(cosine, same), fit_calibration(inliers, same, log_scale=True)
-    fused = ScoreFusion("fused", embedding=emb, keypoints=kp).combine(cosine, inliers)
+    fused = ScoreFusion("fused", embedding=emb, keypoints=kp, rule="mean").combine(cosine, inliers)
     np.testing.assert_allclose(fused, (emb(cosine) + kp(inliers)) / 2)
 
     # Separation of same from different pairs is at least that of the better single score here.

@@ -32,7 +32,7 @@ def test_share_py_demo_and_every_mode(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     demo = tmp_path / "demo"
     check = json.loads((demo / "truth_check.json").read_text())
-    assert check["aliases_wrong"] == 0
+    assert check["aliases_confirmed"] == check["aliases_right"] + check["aliases_wrong"] > 0
     for name in (
         "TM-catalogue.tar.gz",
         "candidates.csv",
