@@ -11,11 +11,12 @@ is a query against all other pictures of its side, leaving out pictures of the
 same sighting or encounter; top-1, top-5 and mAP are over the queries whose
 individual has another picture. Each matcher's score is calibrated to
 P(same individual) on one half of the evaluation individuals and applied to the
-other half (cross-fitted, so no query is scored by a calibration fitted on it).
-Fused re-ranks the embedding's top-B shortlist by the mean calibrated
-probability; B = all is the fused score over the whole gallery. Open set: per
-half, thresholds are calibrated on the other half, a share of individuals is left
-out of the gallery, and the false-new / false-merge rates and the minimum-count
+other half (cross-fitted, so no query is scored by a calibration fitted on it);
+a shortlist of B is calibrated on top-B pairs, the pairs it re-ranks. Fused
+re-ranks the embedding's top-B shortlist by the fused probability (`--rule`,
+default the library's); "whole gallery" is B = all. Open set: per half,
+thresholds are calibrated on the other half, a share of individuals is left out
+of the gallery, and the false-new / false-merge rates and the minimum-count
 bounds are compared with the truth.
 
 Writes results.json, results.md, pairs.npz (pair scores), ranks.csv (CMC data),
@@ -57,7 +58,7 @@ from reid.splits import split_catalogue
 from reid.training import as_catalogue
 
 ROOT = Path(__file__).resolve().parents[1]
-SHORTLISTS = (10, 25, 50, 100)
+SHORTLISTS = (10, 25, 50, 100, 200)
 
 
 def main() -> None:
