@@ -50,7 +50,7 @@ from reid.census import count_individuals
 from reid.fusion import DEFAULT_CALIBRATION, FusedScorer, ScoreFusion, fit_calibration
 from reid.gallery import Gallery
 from reid.index import EmbeddingIndex
-from reid.keypoints import KeypointConfig, draw_correspondences, extract, extract_rows, match, read_crop, score_pairs
+from reid.keypoints import KeypointConfig, draw_correspondences, extract_rows, match, read_crop, score_pairs
 from reid.matching import match_captures
 from reid.metrics import first_match_ranks, retrieval_metrics
 from reid.models import create_embedder, embed_images, export_embedder, load_embedder
@@ -455,7 +455,8 @@ def write_examples(out: Path, table, cosine, inliers, allowed, ids, config: Keyp
             r = table.iloc[i]
             box = r[["bbox_x", "bbox_y", "bbox_w", "bbox_h"]].to_numpy(dtype=float)
             crops.append(read_crop(str(r["image_path"]), None if np.isnan(box).any() else box, config))
-        found = match(extract(crops[0], config), extract(crops[1], config), config)
+        pair, _ = extract_rows(table.iloc[[a, b]], config, progress=False)
+        found = match(pair[0], pair[1], config)
         name = f"{k:02d}_{label}.jpg"
         Image.fromarray(draw_correspondences(crops[0], crops[1], found)).save(out / name, quality=85)
         rows.append(

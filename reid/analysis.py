@@ -39,7 +39,6 @@ from reid.keypoints import (
     Features,
     KeypointConfig,
     draw_correspondences,
-    extract,
     extract_rows,
     features_from_bytes,
     features_to_bytes,
@@ -517,30 +516,34 @@ def evidence_pictures(
     matches = result.matches[first]
     (out_dir / EVIDENCE_DIR).mkdir(exist_ok=True)
     position = {str(a): i for i, a in enumerate(queries["annotation_id"])}
-    crops: dict[tuple[str, Any], np.ndarray | None] = {}
+    seen: dict[tuple[str, Any], tuple[np.ndarray, Features] | None] = {}
 
-    def crop(row: pd.Series, key: tuple[str, Any]) -> np.ndarray | None:
-        if key not in crops:
+    def crop_and_features(row: pd.Series, key: tuple[str, Any]) -> tuple[np.ndarray, Features] | None:
+        """Return the crop as drawn and its features as matched (with frame positions), once per picture."""
+        if key not in seen:
             box = row[list(BBOX_COLUMNS)].to_numpy(dtype=float)
             try:
-                bbox = None if np.isnan(box).any() else box.tolist()
-                crops[key] = read_keypoint_crop(str(row["image_path"]), bbox, config)
+                crop = read_keypoint_crop(str(row["image_path"]), None if np.isnan(box).any() else box.tolist(), config)
             except ImageReadError as err:
                 problems.append(Problem(err.path, "correspondences", err.reason))
-                crops[key] = None
-        return crops[key]
+                seen[key] = None
+                return None
+            features, _ = extract_rows(row.to_frame().T, config, progress=False)
+            seen[key] = (crop, features[0])
+        return seen[key]
 
     pictures = {}
     shown = matches[matches["gallery_row"] >= 0]
     pairs = shown[["query", "gallery_row"]].drop_duplicates()
     for n, (query, row) in enumerate(zip(pairs["query"].astype(str), pairs["gallery_row"].astype(int), strict=True)):
-        query_crop = crop(queries.iloc[position[query]], ("q", query))
-        gallery_crop = crop(gallery.entries.iloc[row], ("g", row))
-        if query_crop is None or gallery_crop is None:
+        query_side = crop_and_features(queries.iloc[position[query]], ("q", query))
+        gallery_side = crop_and_features(gallery.entries.iloc[row], ("g", row))
+        if query_side is None or gallery_side is None:
             continue
-        found = match_keypoints(extract(query_crop, config), extract(gallery_crop, config), config)
+        found = match_keypoints(query_side[1], gallery_side[1], config)
         relative = f"{EVIDENCE_DIR}/pair{n:05d}.jpg"
-        Image.fromarray(draw_correspondences(query_crop, gallery_crop, found)).save(out_dir / relative, quality=85)
+        picture = draw_correspondences(query_side[0], gallery_side[0], found)
+        Image.fromarray(picture).save(out_dir / relative, quality=85)
         pictures[(query, row)] = relative
     return pictures
 

@@ -65,7 +65,10 @@ class Calibration:
             prob = expit(self.coef * x + self.intercept)
         else:
             prob = np.interp(x, self.knots_x, self.knots_y)
-        return np.where(np.isfinite(raw), prob, 0.0)
+        # No finite sample proves certainty: an isotonic step with no impostor in it would otherwise say
+        # P = 1, and one chance match beyond the calibration data would outvote every other piece of evidence.
+        floor = 1.0 / (min(self.n_same, self.n_different) + 2)
+        return np.where(np.isfinite(raw), np.clip(prob, floor, 1.0 - floor), 0.0)
 
 
 def fit_calibration(

@@ -70,7 +70,7 @@ def read_image(
             ) from err
         scale = im.size[0 if orientation not in _TRANSPOSED_ORIENTATIONS else 1] / raw_w
         full_w, full_h = round(im.size[0] / scale), round(im.size[1] / scale)
-        crop = _crop_box(path, bbox, margin, full_w, full_h)
+        crop = crop_box(path, bbox, margin, full_w, full_h)
         if scale != 1.0:
             crop = (
                 int(crop[0] * scale),
@@ -92,7 +92,7 @@ def _draft(im: Image.Image, path: str | Path, bbox: Sequence[float] | None, marg
     full_w, full_h = im.size
     if _orientation(im) in _TRANSPOSED_ORIENTATIONS:
         full_w, full_h = full_h, full_w
-    left, top, right, bottom = _crop_box(path, bbox, margin, full_w, full_h)
+    left, top, right, bottom = crop_box(path, bbox, margin, full_w, full_h)
     scale = max(right - left, bottom - top) / max_side_px
     if scale >= 2:
         im.draft("RGB", (int(im.size[0] / scale) + 1, int(im.size[1] / scale) + 1))
@@ -163,9 +163,13 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def _crop_box(
+def crop_box(
     path: str | Path, bbox: Sequence[float] | None, margin: float, width: int, height: int
 ) -> tuple[int, int, int, int]:
+    """Return (left, top, right, bottom) px of the box widened by `margin`, clipped to a width x height image.
+
+    None or NaN is the whole image; a box without area or outside the image raises ImageReadError naming `path`.
+    """
     if bbox is None or any(np.isnan(float(v)) for v in bbox):
         return (0, 0, width, height)
     x, y, w, h = (float(v) for v in bbox)

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from reid.catalogue import BBOX_COLUMNS
 from reid.errors import Problem, ReidError
-from reid.images import ImageReadError, read_image
+from reid.images import ImageReadError, crop_box, image_size, read_image
 
 __all__ = [
     "Correspondences",
@@ -93,6 +93,10 @@ class KeypointConfig:
     """RANSAC reprojection threshold, px of the shrunk crop."""
     geometry: Geometry = "affine"
     """Model the verified matches must agree on: a full affine map or a homography."""
+    static_background: float = 0.01
+    """Drop tentative matches whose two points lie at the same place of their full frames (within this
+    fraction of the frame's size): a fixed camera's background matches itself in every picture, the
+    animal moves. 0 keeps them."""
 
     def __post_init__(self) -> None:
         # JSON and YAML hand over lists and ints where floats belong; keep the config hashable and comparable.
@@ -107,7 +111,7 @@ class KeypointConfig:
             value = getattr(self, name)
             if isinstance(value, float) and value.is_integer():
                 object.__setattr__(self, name, int(value))
-        for name in ("crop_margin", "ratio", "ransac_px"):
+        for name in ("crop_margin", "ratio", "ransac_px", "static_background"):
             value = getattr(self, name)
             if isinstance(value, int) and not isinstance(value, bool):
                 object.__setattr__(self, name, float(value))
@@ -129,6 +133,10 @@ class KeypointConfig:
             problems.append(f"ratio must be above 0 and at most 1 (Lowe used 0.8), got {self.ratio!r}")
         if not _is_real(self.ransac_px) or not self.ransac_px > 0.0:
             problems.append(f"ransac_px must be a positive number of pixels, got {self.ransac_px!r}")
+        if not _is_real(self.static_background) or not 0.0 <= self.static_background < 0.5:
+            problems.append(
+                f"static_background must be a fraction of the frame from 0 (off) to below 0.5, got {self.static_background!r}"
+            )
         if self.geometry not in GEOMETRIES:
             problems.append(f"geometry {self.geometry!r} is not one of {', '.join(GEOMETRIES)}")
         if problems:
@@ -163,6 +171,8 @@ class Features:
     """(N, D) float32 (SIFT, RootSIFT) or uint8 (ORB, AKAZE: packed binary)."""
     size: tuple[int, int]
     """(height, width) of the shrunk crop, px; (0, 0) for a crop that could not be read."""
+    frame_xy: np.ndarray | None = None
+    """(N, 2) float32 positions as fractions of the full frame's width and height; None when unknown."""
 
     def __len__(self) -> int:
         """Return the number of keypoints."""
@@ -217,7 +227,9 @@ def extract_rows(
         tqdm(zip(paths, boxes, strict=True), total=len(paths), desc="keypoints", unit="img", disable=not progress)
     ):
         try:
-            features.append(_extract(read_crop(path, box, config), config, detector))
+            found = _extract(read_crop(path, box, config), config, detector)
+            found.frame_xy = _frame_positions(path, box, config, found)
+            features.append(found)
         except ImageReadError as err:
             problems.append(Problem(err.path, f"row {i}", err.reason))
             features.append(_empty(config.method))
@@ -232,7 +244,8 @@ def match(query: Features, gallery: Features, config: KeypointConfig) -> Corresp
     """Return the query-to-gallery matches that pass the ratio test, the mutual check and RANSAC.
 
     Tentative matches are mutual nearest neighbours whose distance is below
-    `config.ratio` of the second-nearest; RANSAC then fits `config.geometry` with a
+    `config.ratio` of the second-nearest, and (where both frames' positions are
+    known) that moved by at least `config.static_background` of the frame; RANSAC then fits `config.geometry` with a
     `config.ransac_px` threshold. No more tentative matches or inliers than the
     model's minimal sample (3 affine, 4 homography), no model, or an implausible one
     (mirrored, or scaled by over 4x) give 0 inliers.
@@ -243,6 +256,10 @@ def match(query: Features, gallery: Features, config: KeypointConfig) -> Corresp
         return _no_match()
     _check_compatible(query.descriptors, gallery.descriptors)
     query_index, gallery_index = _tentative_matches(query.descriptors, gallery.descriptors, config)
+    if config.static_background > 0 and query.frame_xy is not None and gallery.frame_xy is not None:
+        moved = np.abs(query.frame_xy[query_index] - gallery.frame_xy[gallery_index]).max(axis=1)
+        keep = moved >= config.static_background
+        query_index, gallery_index = query_index[keep], gallery_index[keep]
     if len(query_index) <= sample:
         return _no_match()
     src = query.xy[query_index]
@@ -316,6 +333,13 @@ def features_to_bytes(features: list[Features], config: KeypointConfig) -> bytes
     xy = np.concatenate([item.xy for item in features]) if features else np.zeros((0, 2))
     descriptors = np.concatenate([item.descriptors for item in features]) if features else np.zeros((0, width))
     sizes = np.array([item.size for item in features], dtype=np.int64).reshape(-1, 2)
+    frame_xy = (
+        np.concatenate(
+            [item.frame_xy if item.frame_xy is not None else np.full((len(item.xy), 2), np.nan) for item in features]
+        )
+        if features
+        else np.zeros((0, 2))
+    )
     meta = np.array([json.dumps({"format": FEATURES_FORMAT, "config": config.to_dict()}, sort_keys=True)])
     buffer = io.BytesIO()
     np.savez(
@@ -325,6 +349,7 @@ def features_to_bytes(features: list[Features], config: KeypointConfig) -> bytes
         offsets=offsets,
         sizes=sizes,
         meta=meta,
+        frame_xy=frame_xy.astype(np.float32, copy=False),
     )
     return buffer.getvalue()
 
@@ -341,6 +366,8 @@ def features_from_bytes(data: bytes) -> tuple[list[Features], KeypointConfig]:
             if missing:
                 raise ReidError(f"keypoint file lacks arrays {missing}; {fix}")
             arrays = {name: npz[name] for name in _FEATURE_ARRAYS}
+            # Written since frame positions were added; older files simply lack them.
+            frame_xy = npz["frame_xy"] if "frame_xy" in npz.files else None
     except ReidError:
         raise
     except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as err:
@@ -384,14 +411,21 @@ def features_from_bytes(data: bytes) -> tuple[list[Features], KeypointConfig]:
         raise ReidError(f"keypoint file's offsets do not split its {total} keypoints; {fix}")
     if sizes.dtype.kind not in "iu" or sizes.shape != (len(offsets) - 1, 2) or np.any(sizes < 0):
         raise ReidError(f"keypoint file's sizes are {sizes.shape}, not one (height, width) per crop; {fix}")
-    features = [
-        Features(
-            xy=xy[start:stop],
-            descriptors=descriptors[start:stop],
-            size=(int(size[0]), int(size[1])),
+    if frame_xy is not None and (frame_xy.dtype != np.float32 or frame_xy.shape != (total, 2)):
+        raise ReidError(
+            f"keypoint file's frame_xy is {frame_xy.dtype} {frame_xy.shape}, not ({total}, 2) float32; {fix}"
         )
-        for start, stop, size in zip(offsets[:-1].tolist(), offsets[1:].tolist(), sizes, strict=True)
-    ]
+    features = []
+    for start, stop, size in zip(offsets[:-1].tolist(), offsets[1:].tolist(), sizes, strict=True):
+        frame = frame_xy[start:stop] if frame_xy is not None else None
+        features.append(
+            Features(
+                xy=xy[start:stop],
+                descriptors=descriptors[start:stop],
+                size=(int(size[0]), int(size[1])),
+                frame_xy=None if frame is None or np.isnan(frame).any() else frame,
+            )
+        )
     return features, config
 
 
@@ -449,6 +483,20 @@ def _is_real(value: object) -> bool:
 def _empty(method: str) -> Features:
     dtype, width = _DESCRIPTORS[method]
     return Features(xy=np.zeros((0, 2), np.float32), descriptors=np.zeros((0, width), dtype), size=(0, 0))
+
+
+def _frame_positions(
+    path: str, box: Sequence[float] | None, config: KeypointConfig, features: Features
+) -> np.ndarray | None:
+    """Return the keypoints' (N, 2) positions as fractions of the full frame, from where the crop was cut."""
+    height, width = features.size
+    if not height or not width:
+        return None
+    full_w, full_h = image_size(path)
+    left, top, right, bottom = crop_box(path, box, config.crop_margin, full_w, full_h)
+    scale = np.array([width / (right - left), height / (bottom - top)], np.float32)
+    origin = np.array([left, top], np.float32)
+    return ((features.xy / scale + origin) / np.array([full_w, full_h], np.float32)).astype(np.float32)
 
 
 def _detector(config: KeypointConfig) -> cv2.Feature2D:

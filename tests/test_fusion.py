@@ -24,10 +24,12 @@ def test_calibration_is_monotone_and_separates_same_from_different(method: str) 
     grid = np.linspace(-0.5, 1.5, 500)
     probs = calibration(grid)
     assert np.all(np.diff(probs) >= 0)
-    assert probs.min() >= 0 and probs.max() <= 1
     assert calibration(np.array([0.8]))[0] > 0.9 > 0.1 > calibration(np.array([0.3]))[0]
+    floor = 1 / (min(calibration.n_same, calibration.n_different) + 2)
+    assert probs.min() == pytest.approx(floor) and probs.max() == pytest.approx(1 - floor)  # never certain
     if method == "logistic":
-        assert np.all(np.diff(probs) > 0)  # strictly: it never creates ties
+        inside = (probs > floor) & (probs < 1 - floor)
+        assert np.all(np.diff(probs[inside]) > 0)  # strictly: it never creates ties
 
 
 def test_count_calibration_works_on_log_counts_and_missing_scores_give_zero() -> None:
@@ -119,7 +121,7 @@ def test_shortlist_as_large_as_the_gallery_ranks_like_the_matcher_alone(flank_ca
 
 
 def test_log_odds_rule_adds_the_evidence_and_ignores_an_uninformative_matcher() -> None:
-    identity = Calibration("logistic", coef=1.0, intercept=0.0)  # P = sigmoid(score)
+    identity = Calibration("logistic", coef=1.0, intercept=0.0, n_same=10**6, n_different=10**6)  # P = sigmoid(score)
     cosine, inliers = np.array([np.log(9.0), 0.0]), np.array([0.0, np.log(4.0)])  # P 0.9 / 0.5 and 0.5 / 0.8
     mean = ScoreFusion("fused", embedding=identity, keypoints=identity, rule="mean").combine(cosine, inliers)
     log_odds = ScoreFusion("fused", embedding=identity, keypoints=identity, rule="log_odds").combine(cosine, inliers)

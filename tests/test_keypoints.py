@@ -326,3 +326,47 @@ def test_drawing_puts_the_crops_side_by_side_at_one_height() -> None:
     assert np.array_equal(plain[:, :300], query)
     # Lines cross the white gap between the crops only where there are matches.
     assert np.all(plain[:, 300:308] == 255) and not np.all(picture[:, 300:308] == 255)
+
+
+def _camera_frame(path: Path, coat: np.ndarray, at: tuple[int, int]) -> None:
+    """Save a 480 x 320 frame of one fixed camera: the same textured background, the coat pasted at `at`."""
+    background = cv2.resize(
+        np.random.default_rng(99).integers(0, 256, (40, 60, 3), dtype=np.uint8),
+        (480, 320),
+        interpolation=cv2.INTER_NEAREST,
+    )
+    frame = background.copy()
+    x, y = at
+    frame[y : y + coat.shape[0], x : x + coat.shape[1]] = coat
+    Image.fromarray(frame).save(path)
+
+
+def test_a_fixed_cameras_background_does_not_match_but_the_animal_does(tmp_path: Path) -> None:
+    # Boxes generous enough to hold as much background as coat, as loose animal boxes do.
+    coat_a, coat_b = _coat(1, 200, 100), _coat(2, 200, 100)
+    _camera_frame(tmp_path / "a.png", coat_a, (40, 60))
+    _camera_frame(tmp_path / "b.png", coat_b, (200, 150))  # another animal, elsewhere in the frame
+    _camera_frame(tmp_path / "a_again.png", coat_a, (220, 170))  # the first animal again, moved
+    rows = pd.DataFrame(
+        {
+            "image_path": [str(tmp_path / n) for n in ("a.png", "b.png", "a_again.png")],
+            "bbox_x": [0.0, 120.0, 140.0],
+            "bbox_y": [0.0, 80.0, 100.0],
+            "bbox_w": [340.0, 360.0, 340.0],
+            "bbox_h": [260.0, 240.0, 220.0],
+        }
+    )
+    keeping = KeypointConfig(static_background=0.0)
+    features, problems = extract_rows(rows, KeypointConfig(), progress=False)
+    assert problems == [] and all(f.frame_xy is not None for f in features)
+    # Without the check, the shared background makes two different animals a strong match.
+    assert match(features[0], features[1], keeping).n_inliers > 20
+    assert match(features[0], features[1], KeypointConfig()).n_inliers < 8
+    assert match(features[0], features[2], KeypointConfig()).n_inliers > 30
+    # The animal moved by (180, 110) px in the frame; crop C starts at (140, 100), crop A at (0, 0), neither shrunk.
+    found = match(features[0], features[2], KeypointConfig())
+    assert np.median(np.abs(found.gallery_xy - (found.query_xy + np.array([40, 10])))) < 2
+    # Frame positions are the crop positions put back in the 480 x 320 frame.
+    np.testing.assert_allclose(features[2].frame_xy * (480, 320), features[2].xy + np.array([140, 100]), atol=0.01)
+    restored, _ = features_from_bytes(features_to_bytes(features, KeypointConfig()))
+    np.testing.assert_array_equal(restored[2].frame_xy, features[2].frame_xy)
