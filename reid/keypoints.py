@@ -488,9 +488,13 @@ def _empty(method: str) -> Features:
 def _frame_positions(
     path: str, box: Sequence[float] | None, config: KeypointConfig, features: Features
 ) -> np.ndarray | None:
-    """Return the keypoints' (N, 2) positions as fractions of the full frame, from where the crop was cut."""
+    """Return the keypoints' (N, 2) positions as fractions of the full frame, from where the crop was cut.
+
+    None without a box: a picture that is already a flank crop has no fixed background to recognise, and
+    two crops of one flank put the same rosette at the same place.
+    """
     height, width = features.size
-    if not height or not width:
+    if not height or not width or box is None or np.isnan(np.asarray(box, dtype=float)).any():
         return None
     full_w, full_h = image_size(path)
     left, top, right, bottom = crop_box(path, box, config.crop_margin, full_w, full_h)

@@ -370,3 +370,17 @@ def test_a_fixed_cameras_background_does_not_match_but_the_animal_does(tmp_path:
     np.testing.assert_allclose(features[2].frame_xy * (480, 320), features[2].xy + np.array([140, 100]), atol=0.01)
     restored, _ = features_from_bytes(features_to_bytes(features, KeypointConfig()))
     np.testing.assert_array_equal(restored[2].frame_xy, features[2].frame_xy)
+
+
+def test_pictures_without_a_box_keep_matches_at_the_same_place(tmp_path: Path) -> None:
+    # Ready-made flank crops: the same rosettes sit at the same place of two crops, and must still match.
+    coat = _coat(3)
+    Image.fromarray(coat).save(tmp_path / "a.png")
+    Image.fromarray(np.clip(coat * 0.9 + 5, 0, 255).astype(np.uint8)).save(tmp_path / "b.png")
+    features, _ = extract_rows(
+        pd.DataFrame({"image_path": [str(tmp_path / "a.png"), str(tmp_path / "b.png")]}),
+        KeypointConfig(),
+        progress=False,
+    )
+    assert features[0].frame_xy is None
+    assert match(features[0], features[1], KeypointConfig()).n_inliers > 30
