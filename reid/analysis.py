@@ -171,9 +171,7 @@ def calibrate_thresholds(
         if scoring.method == "fused":
             scoring.embedding = fit_calibration(pairs["cosine"].to_numpy(), same, method=calibration_method)
         seed += 1
-    per_encounter = _decisions_on_split(
-        labelled, embeddings, features, keypoint_config, scoring, Thresholds(np.inf, np.inf), seed=seed, **options
-    )
+    per_encounter = _decisions_left_out(labelled, embeddings, features, keypoint_config, scoring, seed=seed, **options)
     top = per_encounter["top_score"].fillna(-np.inf).to_numpy()
     known = per_encounter["in_gallery"].to_numpy()
     thresholds = calibrate(
@@ -291,13 +289,12 @@ def _shortlist_pairs(
     )
 
 
-def _decisions_on_split(
+def _decisions_left_out(
     labelled: pd.DataFrame,
     embeddings: np.ndarray,
     features: list[Features] | None,
     keypoint_config: KeypointConfig | None,
     scoring: ScoreFusion,
-    thresholds: Thresholds,
     *,
     test_fraction: float,
     unseen_fraction: float,
@@ -305,16 +302,50 @@ def _decisions_on_split(
     seed: int,
     progress: bool,
 ) -> pd.DataFrame:
-    """Return one row per query encounter of an open-set split: truth, whether enrolled, top candidate and score."""
-    reference, queries, gallery, scorer = _split_and_scorer(
-        labelled, embeddings, features, keypoint_config, scoring, test_fraction, unseen_fraction, seed, progress
+    """Return one row per query encounter of an open-set split: truth, whether enrolled, top candidate and score.
+
+    Each query is searched against every labelled picture but its own encounter (an
+    enrolled animal seen again) or, for the split's unseen individuals, its own
+    individual (a new animal). The gallery is then as large as the one the
+    thresholds will face: an impostor's best score grows with the number of
+    animals enrolled, and a reference half the size promised a tenth of the
+    false merges the full gallery then made.
+    """
+    reference, queries = _open_set_split(
+        labelled, test_fraction=test_fraction, unseen_fraction=unseen_fraction, seed=seed
     )
-    # Thresholds that are never reached: every encounter keeps its raw top score.
-    result = match_captures(gallery, labelled[queries], embeddings[queries], thresholds, k=k, scorer=scorer)
+    everything = np.ones(len(labelled), dtype=bool)
+    gallery = _reference_gallery(labelled, embeddings, everything)
+    scorer = _scorer(
+        scoring,
+        embeddings[queries],
+        gallery.embeddings,
+        _subset(features, queries),
+        features,
+        keypoint_config,
+        progress,
+    )
+    asked = labelled[queries].reset_index(drop=True)
+    enrolled = set(labelled.loc[reference, "individual_id"])
+    unseen = ~asked["individual_id"].isin(enrolled).to_numpy()
+    encounters = labelled["encounter_id"].fillna("row:" + labelled["annotation_id"]).to_numpy(dtype=object)
+    own_encounter = encounters[queries]
+    individuals = labelled["individual_id"].to_numpy(dtype=object)
+    own_individual = asked["individual_id"].to_numpy(dtype=object).copy()
+    own_individual[~unseen] = None  # an enrolled animal keeps its other encounters in the gallery
+
+    def left_out(rows: np.ndarray) -> np.ndarray:
+        safe = np.clip(rows, 0, None)
+        return (encounters[safe] == own_encounter[:, None]) | (individuals[safe] == own_individual[:, None])
+
+    # Thresholds that decide nothing: every encounter keeps its raw top score, and no new IDs are grouped.
+    result = match_captures(
+        gallery, asked, embeddings[queries], Thresholds(np.inf, -np.inf), k=k, scorer=scorer, exclude=left_out
+    )
     per_encounter = result.decisions.drop_duplicates("encounter_id").merge(
         labelled[["annotation_id", "individual_id"]], left_on="query", right_on="annotation_id"
     )
-    per_encounter["in_gallery"] = per_encounter["individual_id"].isin(set(labelled.loc[reference, "individual_id"]))
+    per_encounter["in_gallery"] = per_encounter["individual_id"].isin(enrolled)
     per_encounter["top_correct"] = per_encounter["top_individual"] == per_encounter["individual_id"]
     return per_encounter[["encounter_id", "individual_id", "in_gallery", "top_individual", "top_score", "top_correct"]]
 

@@ -9,6 +9,7 @@ the same logic serves every matcher.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -196,6 +197,7 @@ def match_captures(
     top_n: int = 5,
     new_prefix: str = "NEW",
     scorer: FusedScorer | None = None,
+    exclude: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> MatchResult:
     """Return ranked candidate individuals and a known / review / new decision for every query row.
 
@@ -205,7 +207,9 @@ def match_captures(
     its shortlist re-scored). Queries of one encounter are the same animal: their
     per-individual scores are pooled and they get one decision. Encounters decided
     "new" are grouped into provisional individuals `<new_prefix>-0001`, ... by the
-    same threshold that makes a match "known".
+    same threshold that makes a match "known". `exclude` maps the (Q, k) gallery rows
+    found to a mask of rows each query must not see (calibration leaves a query's own
+    encounter or individual out of the gallery this way).
     """
     if len(queries) != len(embeddings):
         raise ReidError(f"{len(queries)} queries but {len(embeddings)} embeddings")
@@ -213,6 +217,8 @@ def match_captures(
     scorer = scorer or FusedScorer(ScoreFusion(), embeddings, gallery.embeddings)
     sides = queries["side"].fillna("unknown").to_numpy(dtype=object)
     cosine, rows = gallery.search(embeddings, sides, scorer.depth if scorer.fusion.uses_keypoints else k)
+    if exclude is not None:
+        rows = np.where((rows >= 0) & exclude(rows), -1, rows)
     scores = scorer.rescore(cosine, rows)
     # Re-scored candidates are re-ranked; equal scores keep the embedding's order.
     order = np.argsort(-scores, axis=1, kind="stable")
