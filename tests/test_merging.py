@@ -98,9 +98,11 @@ def test_shared_individuals_are_found_aliased_and_counted_once(world, tmp_path: 
     true_pairs = set(zip(shared["tm_id"], shared["kz_id"], strict=True))
     assert len(true_pairs) >= 3
     top = candidates.pairs[candidates.pairs["rank"] == 1]
-    proposed = top[top["decision"].isin(["known", "review"])]
-    # Every shared animal is put before a reviewer with the right local ID as the first candidate.
-    assert true_pairs <= set(zip(proposed["partner_id"], proposed["local_id"], strict=True))
+    # Every shared animal is put before the reviewer with the right local ID as its first candidate...
+    assert true_pairs <= set(zip(top["partner_id"], top["local_id"], strict=True))
+    # ... and every pair proposed as "known" is right.
+    known = top[top["decision"] == "known"]
+    assert set(zip(known["partner_id"], known["local_id"], strict=True)) <= true_pairs
 
     # The reviewer confirms the true pairs among the proposals (as they would after looking at the report).
     reviewed = candidates.pairs.copy()
