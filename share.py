@@ -80,6 +80,8 @@ def run(cfg: DictConfig, run_dir: Path) -> tuple[dict[str, Path], list[Problem]]
                 "mode=confirm needs candidates=<reviewed candidates.csv>, partner=<its partner folder> and "
                 'confirmed_by="name"'
             )
+        if not Path(cfg.candidates).is_file():
+            raise ReidError(f"{cfg.candidates}: no such file; give the candidates.csv that mode=shared wrote")
         _, problems = merging.confirm_aliases(
             cfg.aliases,
             pd.read_csv(cfg.candidates, dtype=str, keep_default_na=False),

@@ -163,7 +163,17 @@ def calibrate_thresholds(
             raise ReidError(
                 f"score method {scoring.method} needs keypoint features: build the gallery with keypoints enabled"
             )
-        pairs = _shortlist_pairs(labelled, embeddings, features, keypoint_config, scoring, seed=seed, **options)
+        pairs = _shortlist_pairs(
+            labelled,
+            embeddings,
+            features,
+            keypoint_config,
+            scoring,
+            test_fraction=test_fraction,
+            unseen_fraction=unseen_fraction,
+            seed=seed,
+            progress=progress,
+        )
         same = pairs["same"].to_numpy()
         scoring.keypoints = fit_calibration(
             pairs["inliers"].to_numpy(), same, method=calibration_method, log_scale=True
@@ -228,34 +238,6 @@ def _subset(features: list[Features] | None, mask: np.ndarray) -> list[Features]
     return None if features is None else [f for f, m in zip(features, mask, strict=True) if m]
 
 
-def _split_and_scorer(
-    labelled: pd.DataFrame,
-    embeddings: np.ndarray,
-    features: list[Features] | None,
-    keypoint_config: KeypointConfig | None,
-    scoring: ScoreFusion,
-    test_fraction: float,
-    unseen_fraction: float,
-    seed: int,
-    progress: bool,
-) -> tuple[np.ndarray, np.ndarray, Gallery, FusedScorer]:
-    """Return (reference mask, query mask, reference gallery, scorer of the queries) of an open-set split."""
-    reference, queries = _open_set_split(
-        labelled, test_fraction=test_fraction, unseen_fraction=unseen_fraction, seed=seed
-    )
-    gallery = _reference_gallery(labelled, embeddings, reference)
-    scorer = _scorer(
-        scoring,
-        embeddings[queries],
-        gallery.embeddings,
-        _subset(features, queries),
-        _subset(features, reference),
-        keypoint_config,
-        progress,
-    )
-    return reference, queries, gallery, scorer
-
-
 def _shortlist_pairs(
     labelled: pd.DataFrame,
     embeddings: np.ndarray,
@@ -265,14 +247,22 @@ def _shortlist_pairs(
     *,
     test_fraction: float,
     unseen_fraction: float,
-    k: int,
     seed: int,
     progress: bool,
 ) -> pd.DataFrame:
     """Return the (query, shortlisted gallery entry) pairs of an open-set split with cosine, inliers and same."""
-    raw = ScoreFusion("keypoints", scoring.shortlist)
-    _, queries, gallery, scorer = _split_and_scorer(
-        labelled, embeddings, features, keypoint_config, raw, test_fraction, unseen_fraction, seed, progress
+    reference, queries = _open_set_split(
+        labelled, test_fraction=test_fraction, unseen_fraction=unseen_fraction, seed=seed
+    )
+    gallery = _reference_gallery(labelled, embeddings, reference)
+    scorer = FusedScorer(
+        ScoreFusion("keypoints", scoring.shortlist),
+        embeddings[queries],
+        gallery.embeddings,
+        _subset(features, queries),
+        _subset(features, reference),
+        keypoint_config,
+        progress=progress,
     )
     sides = labelled.loc[queries, "side"].fillna("unknown").to_numpy(dtype=object)
     cosine, rows = gallery.search(embeddings[queries], sides, scoring.shortlist)

@@ -237,7 +237,9 @@ def load_aliases(path: str | Path) -> pd.DataFrame:
     if missing:
         raise ReidError(f"{path}: alias table without columns {missing}; restore it from a backup")
     table = table[list(ALIAS_COLUMNS)].replace("", pd.NA).astype("string")
-    return table.astype({"score": float})
+    # The score is a record of the evidence, not a key: an unreadable one is kept as missing.
+    table["score"] = pd.to_numeric(table["score"], errors="coerce")
+    return table
 
 
 def confirm_aliases(

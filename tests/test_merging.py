@@ -196,3 +196,25 @@ def test_partner_with_another_embedder_is_re_embedded_from_crops_or_refused(worl
     imported = import_catalogue(bare, tmp_path / "b", progress=False)
     with pytest.raises(ReidError, match="export again with crops"):
         partner_gallery(imported, other, progress=False)
+
+
+def test_hand_edited_alias_table_with_an_unreadable_score_still_loads(tmp_path: Path) -> None:
+    path = tmp_path / "aliases.csv"
+    pd.DataFrame([{"local_id": "KZ-1", "partner_id": "TM-9", "score": "n/a", "confirmed_by": "A"}]).reindex(
+        columns=[
+            "local_id",
+            "partner_id",
+            "local_namespace",
+            "partner_namespace",
+            "score",
+            "sides",
+            "confirmed_by",
+            "confirmed_at",
+            "note",
+        ]
+    ).to_csv(path, index=False)
+    aliases = load_aliases(path)
+    assert aliases["local_id"].tolist() == ["KZ-1"] and aliases["score"].isna().all()
+    with pytest.raises(ReidError, match="without columns"):
+        pd.DataFrame({"local_id": ["KZ-1"]}).to_csv(path, index=False)
+        load_aliases(path)
