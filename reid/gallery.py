@@ -10,20 +10,35 @@ On disk a gallery is a folder of plain files, versioned:
         embeddings.npy     (N, D) float32, L2-normalised (read with allow_pickle=False)
 
 Every change writes a new version folder and then replaces CURRENT atomically, so
-a killed enrol leaves the previous gallery intact; older versions are pruned.
-Loading verifies every checksum and that the embedder in use is the one the
-gallery was built with. The same image (by content hash) is never enrolled twice.
+a killed enrol leaves the previous gallery intact; older versions are pruned, but
+never one newer than the current version nor one holding entries the current
+version lacks. Loading verifies every checksum and that the embedder in use is the
+one the gallery was built with. The same image (by content hash) is never enrolled
+twice.
+
+One run at a time changes a gallery: a run that extends it holds `gallery_lock`
+(a LOCK file naming its pid) from before `Gallery.load` until after `Gallery.save`,
+and `save` refuses to commit over a version other than the one the gallery was
+loaded from, so two runs can never each add a batch to the same version and lose
+one of them.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import pandas as pd
@@ -38,7 +53,10 @@ CURRENT_FILE = "CURRENT"
 MANIFEST_FILE = "manifest.json"
 ENTRIES_FILE = "entries.csv"
 EMBEDDINGS_FILE = "embeddings.npy"
+LOCK_FILE = "LOCK"
 KEEP_VERSIONS = 3
+# A commit (write a version, switch CURRENT) takes seconds; a save waits this long for another run's commit.
+COMMIT_WAIT_S = 60.0
 # Which gallery sides a query of each side is searched against: flanks differ, so never left against right.
 SEARCHED_SIDES = {"left": ("left", "unknown"), "right": ("right", "unknown"), "unknown": SIDES}
 
@@ -61,6 +79,8 @@ class Gallery:
     extra_files: dict[str, bytes] = field(default_factory=dict)
     """Further named files stored with the gallery (keypoint features, calibration)."""
     _indexes: dict[str, tuple[EmbeddingIndex, np.ndarray]] = field(default_factory=dict, repr=False)
+    _origin: tuple[str, str] | None = field(default=None, repr=False, compare=False)
+    """(resolved folder, version) this gallery was loaded from or last saved as; None for a new gallery."""
 
     @classmethod
     def empty(cls, embedder_fingerprint: str, dim: int, index_kind: IndexKind = "flat") -> Gallery:
@@ -166,71 +186,104 @@ class Gallery:
             self._indexes[side] = (index, members)
         return self._indexes[side]
 
-    def save(self, folder: str | Path) -> Path:
-        """Write the gallery as a new version in `folder` and make it current; return the version folder."""
+    @property
+    def version(self) -> str | None:
+        """Return the version folder name this gallery was loaded from or last saved as, None for a new gallery."""
+        return self._origin[1] if self._origin else None
+
+    def save(self, folder: str | Path, *, replace: bool = False) -> Path:
+        """Write the gallery as a new version in `folder` and make it current; return the version folder.
+
+        Refuses (GalleryError, nothing written) when the folder's current version is
+        no longer the one this gallery was loaded from (another run saved meanwhile)
+        or, for a new gallery, when the folder already holds one; `replace` lifts
+        that check (an import replacing a partner's catalogue). Holds `gallery_lock`
+        while committing, waiting up to COMMIT_WAIT_S for another run's lock.
+        """
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        version = _next_version(folder)
-        staging = folder / f".{version}.partial"
-        if staging.exists():
-            shutil.rmtree(staging)
-        staging.mkdir()
-        entries = self.entries.astype(object).where(self.entries.notna(), None)
-        entries["timestamp"] = [t.isoformat() if t is not None else None for t in entries["timestamp"]]
-        entries.to_csv(staging / ENTRIES_FILE, index=False)
-        with open(staging / EMBEDDINGS_FILE, "wb") as f:
-            np.save(f, np.ascontiguousarray(self.embeddings, dtype=np.float32), allow_pickle=False)
-        for name, data in self.extra_files.items():
-            (staging / name).write_bytes(data)
-        names = [ENTRIES_FILE, EMBEDDINGS_FILE, *sorted(self.extra_files)]
-        manifest = {
-            "schema_version": SCHEMA_VERSION,
-            "version": version,
-            "embedder_fingerprint": self.embedder_fingerprint,
-            "embedding_dim": self.dim,
-            "index_kind": self.index_kind,
-            "created": self.created,
-            "updated": _now(),
-            "counts": {
-                "entries": len(self.entries),
-                "individuals": int(self.entries["individual_id"].nunique()),
-                "sides": {s: int((self.entries["side"] == s).sum()) for s in SIDES},
-            },
-            "files": {name: sha256_file(staging / name) for name in names},
-        }
-        (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
-        _fsync_tree(staging)
-        os.replace(staging, folder / version)
-        with atomic_write(folder / CURRENT_FILE) as f:
-            f.write(version + "\n")
-        _prune(folder, keep=KEEP_VERSIONS)
+        with gallery_lock(folder, wait_s=COMMIT_WAIT_S):
+            on_disk = current_version(folder)
+            based_on = self._origin[1] if self._origin and self._origin[0] == _key(folder) else None
+            if on_disk != based_on and not replace:
+                raise GalleryError(
+                    f"the gallery {folder} was changed by another run while this one worked (it was "
+                    f"{based_on or 'empty'} when this run loaded it, it is {on_disk} now); nothing was saved: "
+                    "run again to add to the new version"
+                )
+            version = _next_version(folder)
+            staging = folder / f".{version}.partial"
+            if staging.exists():
+                shutil.rmtree(staging)
+            staging.mkdir()
+            entries = self.entries.astype(object).where(self.entries.notna(), None)
+            entries["timestamp"] = [t.isoformat() if t is not None else None for t in entries["timestamp"]]
+            entries.to_csv(staging / ENTRIES_FILE, index=False)
+            with open(staging / EMBEDDINGS_FILE, "wb") as f:
+                np.save(f, np.ascontiguousarray(self.embeddings, dtype=np.float32), allow_pickle=False)
+            for name, data in self.extra_files.items():
+                (staging / name).write_bytes(data)
+            names = [ENTRIES_FILE, EMBEDDINGS_FILE, *sorted(self.extra_files)]
+            manifest = {
+                "schema_version": SCHEMA_VERSION,
+                "version": version,
+                "embedder_fingerprint": self.embedder_fingerprint,
+                "embedding_dim": self.dim,
+                "index_kind": self.index_kind,
+                "created": self.created,
+                "updated": _now(),
+                "counts": {
+                    "entries": len(self.entries),
+                    "individuals": int(self.entries["individual_id"].nunique()),
+                    "sides": {s: int((self.entries["side"] == s).sum()) for s in SIDES},
+                },
+                "files": {name: sha256_file(staging / name) for name in names},
+            }
+            (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+            _fsync_tree(staging)
+            os.replace(staging, folder / version)
+            with atomic_write(folder / CURRENT_FILE) as f:
+                f.write(version + "\n")
+            self._origin = (_key(folder), version)
+            _prune(folder, keep=KEEP_VERSIONS)
         return folder / version
 
     @classmethod
     def load(cls, folder: str | Path, *, embedder_fingerprint: str | None = None) -> Gallery:
         """Return the current version of the gallery in `folder`, verified.
 
-        Raises GalleryError when files are missing or altered (checksums), or when
-        `embedder_fingerprint` is given and differs from the gallery's.
+        Raises GalleryError when there is no gallery, when CURRENT is missing but
+        versions are there (listing them), when the manifest is damaged or files are
+        missing or altered (checksums), or when `embedder_fingerprint` is given and
+        differs from the gallery's.
         """
         folder = Path(folder)
-        current = folder / CURRENT_FILE
-        if not current.is_file():
+        version = current_version(folder)
+        if version is None:
             raise GalleryError(
                 f"{folder}: no gallery here ({CURRENT_FILE} missing); build one with `python infer.py mode=build`"
             )
-        version_dir = folder / current.read_text().strip()
+        version_dir = folder / version
+        if not _VERSION_NAME.fullmatch(version) or not version_dir.is_dir():
+            raise GalleryError(
+                f"{folder / CURRENT_FILE} names version {version!r}, which is not in the folder; "
+                f"{_choose_version_hint(folder)}"
+            )
         manifest_path = version_dir / MANIFEST_FILE
         try:
             manifest = json.loads(manifest_path.read_text())
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, RecursionError) as err:
             raise GalleryError(
                 f"{manifest_path}: unreadable manifest ({err}); restore the gallery folder from a backup"
             ) from err
-        if manifest.get("schema_version") != SCHEMA_VERSION:
+        if isinstance(manifest, dict) and "schema_version" in manifest and manifest["schema_version"] != SCHEMA_VERSION:
             raise GalleryError(
                 f"{manifest_path}: gallery schema {manifest.get('schema_version')!r}, this software reads {SCHEMA_VERSION}; "
                 "rebuild the gallery or use the matching leopard-reid version"
+            )
+        damage = _manifest_damage(manifest)
+        if damage:
+            raise GalleryError(
+                f"{version_dir}: {MANIFEST_FILE} is damaged: {damage}; restore the gallery folder from a backup"
             )
         for name in manifest["files"]:
             if not (version_dir / name).is_file():
@@ -275,7 +328,82 @@ class Gallery:
             index_kind=manifest.get("index_kind", "flat"),
             created=manifest["created"],
             extra_files=extra,
+            _origin=(_key(folder), version),
         )
+
+
+def current_version(folder: str | Path) -> str | None:
+    """Return the name of the folder's current version, None when the folder holds no gallery.
+
+    Raises GalleryError for a folder that holds versions but no CURRENT file,
+    listing them: starting an empty gallery there would hide them, and pruning
+    would later delete them.
+    """
+    folder = Path(folder)
+    current = folder / CURRENT_FILE
+    if current.is_file():
+        return current.read_text().strip()
+    if _versions(folder):
+        raise GalleryError(f"{folder}: {CURRENT_FILE} is missing but {_choose_version_hint(folder)}")
+    return None
+
+
+@contextmanager
+def gallery_lock(folder: str | Path, *, wait_s: float = 0.0) -> Iterator[Path]:
+    """Hold the writer lock of the gallery in `folder` (created if absent) for the block; yield the lock file.
+
+    A run that changes a gallery holds the lock from before it loads the gallery
+    until after it saves it, so no other run commits in between. Raises
+    GalleryError naming the run that holds it (pid, start time) when it is still
+    held after `wait_s` seconds. A lock left behind by a run that died on this
+    machine is removed. Re-entrant in one process: `Gallery.save` takes it too.
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise GalleryError(
+            f"{folder}: is a file, not a gallery folder; give the name of a gallery folder (new or existing)"
+        )
+    key = _key(folder)
+    thread = threading.get_ident()
+    with _HELD_GUARD:
+        owner, depth = _HELD.get(key, (thread, 0))
+        if owner == thread and depth:
+            _HELD[key] = (thread, depth + 1)
+            reentered = True
+        else:
+            reentered = False
+    lock = folder / LOCK_FILE
+    if reentered:
+        try:
+            yield lock
+        finally:
+            _release_held(key)
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    token = uuid.uuid4().hex
+    deadline = time.monotonic() + wait_s
+    while True:
+        held_by = _try_lock(lock, token)
+        if held_by is None:
+            break
+        if time.monotonic() >= deadline:
+            pid = held_by.get("pid", "unknown")
+            since = held_by.get("since", "an unknown time")
+            host = held_by.get("host")
+            elsewhere = f" on {host}" if host and host != socket.gethostname() else ""
+            raise GalleryError(
+                f"the gallery {folder} is being changed by another run (pid {pid}{elsewhere}, since {since}); "
+                f"wait for it to finish, or delete {lock} if no such run exists"
+            )
+        time.sleep(min(0.2, max(deadline - time.monotonic(), 0.01)))
+    with _HELD_GUARD:
+        _HELD[key] = (thread, 1)
+    try:
+        yield lock
+    finally:
+        _release_held(key)
+        if _lock_info(lock).get("token") == token:
+            lock.unlink(missing_ok=True)
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any]:
@@ -302,13 +430,196 @@ def _next_version(folder: Path) -> str:
 
 
 def _prune(folder: Path, keep: int) -> None:
+    """Remove versions older than the newest `keep` up to the current one, but only those whose entries it holds.
+
+    A version newer than the current one (CURRENT was set back by hand) is never
+    removed, nor one with an entry the current version lacks: pruning never
+    deletes the only copy of an entry.
+    """
     current = (folder / CURRENT_FILE).read_text().strip()
-    versions = sorted(p for p in folder.glob("v[0-9]*") if p.is_dir() and p.name[1:].isdigit())
-    for old in versions[:-keep]:
-        if old.name != current:
-            shutil.rmtree(old, ignore_errors=True)
+    if not _VERSION_NAME.fullmatch(current):
+        return
+    older = [p for p in _versions(folder) if int(p.name[1:]) < int(current[1:])]
+    candidates = older[: max(len(older) - (keep - 1), 0)]
+    if candidates:
+        held = _stored_entry_keys(folder / current)
+        for old in candidates:
+            keys = _stored_entry_keys(old)
+            if held is not None and keys is not None and keys <= held:
+                shutil.rmtree(old, ignore_errors=True)
     for partial in folder.glob(".v*.partial"):
         shutil.rmtree(partial, ignore_errors=True)
+
+
+def _stored_entry_keys(version_dir: Path) -> set[str] | None:
+    """Return the entry keys (content hash and box) of a saved version, None when its entries cannot be read."""
+    try:
+        raw = pd.read_csv(version_dir / ENTRIES_FILE, dtype=str, keep_default_na=False)
+        return {
+            _entry_key(row["content_hash"], row.replace("", np.nan))
+            for _, row in raw[["content_hash", *BBOX_COLUMNS]].iterrows()
+        }
+    except (OSError, ValueError, KeyError, pd.errors.ParserError, pd.errors.EmptyDataError):
+        return None
+
+
+def _versions(folder: Path) -> list[Path]:
+    """Return the folder's version folders, oldest first."""
+    if not folder.is_dir():
+        return []
+    return sorted(
+        (p for p in folder.iterdir() if _VERSION_NAME.fullmatch(p.name) and p.is_dir()), key=lambda p: int(p.name[1:])
+    )
+
+
+def _choose_version_hint(folder: Path) -> str:
+    """Return the versions a folder holds (entries, last update) and how to choose one, as one clause."""
+    versions = _versions(folder)
+    if not versions:
+        return f"the folder holds no gallery versions; restore {folder} from a backup"
+    described = []
+    for path in versions[-5:]:
+        try:
+            manifest = json.loads((path / MANIFEST_FILE).read_text())
+            described.append(f"{path.name} ({manifest['counts']['entries']} entries, {manifest['updated']})")
+        except (OSError, ValueError, RecursionError, KeyError, TypeError):
+            described.append(f"{path.name} (manifest unreadable)")
+    more = f" and {len(versions) - 5} older" if len(versions) > 5 else ""
+    return (
+        f"the folder holds gallery versions {', '.join(described)}{more}; choose one by writing its name into "
+        f"{folder / CURRENT_FILE} (the newest, {versions[-1].name}, unless you know it is wrong), then run again"
+    )
+
+
+def _manifest_damage(manifest: Any) -> str | None:
+    """Return what is wrong with a loaded manifest.json (a missing key, a wrong type, an odd file name), or None."""
+    if not isinstance(manifest, dict):
+        return f"it holds {type(manifest).__name__}, not a JSON object"
+    expected: dict[str, tuple[type, str]] = {
+        "schema_version": (int, "a whole number"),
+        "embedder_fingerprint": (str, "text"),
+        "embedding_dim": (int, "a whole number"),
+        "created": (str, "a time as text"),
+        "files": (dict, "a mapping of file names to SHA-256 checksums"),
+    }
+    for key, (kind, described) in expected.items():
+        if key not in manifest:
+            return f"{key!r} is missing"
+        value = manifest[key]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            return f"{key!r} is {_shown(value)}, not {described}"
+    if manifest["embedding_dim"] < 1:
+        return f"'embedding_dim' is {manifest['embedding_dim']}, not a positive number"
+    if "index_kind" in manifest and manifest["index_kind"] not in get_args(IndexKind):
+        return f"'index_kind' is {_shown(manifest['index_kind'])}, not one of {', '.join(get_args(IndexKind))}"
+    for name, digest in manifest["files"].items():
+        if not _FILE_NAME.fullmatch(name):
+            return f"'files' names {name!r}, which is not a plain file name"
+        if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+            return f"'files' gives {name!r} the checksum {_shown(digest)}, not a SHA-256"
+    for name in (ENTRIES_FILE, EMBEDDINGS_FILE):
+        if name not in manifest["files"]:
+            return f"'files' does not list {name}"
+    return None
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _key(folder: Path) -> str:
+    return str(folder.resolve())
+
+
+def _release_held(key: str) -> None:
+    with _HELD_GUARD:
+        owner, depth = _HELD[key]
+        if depth > 1:
+            _HELD[key] = (owner, depth - 1)
+        else:
+            del _HELD[key]
+
+
+def _try_lock(lock: Path, token: str) -> dict[str, Any] | None:
+    """Create the lock file; return None when it is ours, else what the lock file says about its holder."""
+    info = {"pid": os.getpid(), "host": socket.gethostname(), "since": _now(), "token": token}
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            held = _lock_info(lock)
+            if held and _holder_is_gone(held):
+                _break_stale(lock, held)
+                continue
+            return held
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(info))
+        return None
+    return _lock_info(lock)
+
+
+def _lock_info(lock: Path) -> dict[str, Any]:
+    try:
+        info = json.loads(lock.read_text())
+    except (OSError, ValueError, RecursionError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def _holder_is_gone(held: dict[str, Any]) -> bool:
+    """Return True when the lock's run is known to be dead: same machine, and its pid gone or reused since."""
+    pid = held.get("pid")
+    if held.get("host") != socket.gethostname() or not isinstance(pid, int) or pid <= 0 or os.name != "posix":
+        # Only a process on this machine can be checked; on Windows os.kill(pid, 0) would end the process.
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    started = _process_start(pid)
+    try:
+        since = datetime.fromisoformat(str(held.get("since"))).timestamp()
+    except ValueError:
+        return False
+    # A process that started after the lock was taken has only inherited the dead holder's pid.
+    return started is not None and started > since + 2
+
+
+def _process_start(pid: int) -> float | None:
+    """Return when a process started (Unix time) on Linux, else None."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        boot = next(
+            float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime")
+        )
+        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def _break_stale(lock: Path, held: dict[str, Any]) -> None:
+    """Remove a dead run's lock file without ever removing a lock another run has just taken."""
+    aside = lock.with_name(f"{LOCK_FILE}.stale-{uuid.uuid4().hex}")
+    try:
+        os.rename(lock, aside)
+    except OSError:
+        return  # another run broke it first
+    if _lock_info(aside).get("token") != held.get("token"):
+        # Between reading and renaming, another run broke the stale lock and took it: give it back.
+        with suppress(OSError):
+            os.link(aside, lock)
+    aside.unlink(missing_ok=True)
+
+
+_VERSION_NAME = re.compile(r"v[0-9]{6,}")
+_FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+# Folders whose lock this process holds: resolved path -> (thread, depth), so Gallery.save can re-enter.
+_HELD: dict[str, tuple[int, int]] = {}
+_HELD_GUARD = threading.Lock()
 
 
 def _fsync_tree(folder: Path) -> None:

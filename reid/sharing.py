@@ -12,9 +12,12 @@ An archive is one .tar.gz:
     crops/<row>.jpg    only with crops: flank crops, so the partner can re-embed with their own embedder
 
 An archive comes from another organisation, so import trusts nothing in it: every
-member is checked (type, name, size, checksum, content; nothing is ever unpickled)
-in a temporary folder outside the destination, and the destination is written only
-after every check has passed. An import goes into its own folder:
+member is checked (type, name, size, checksum, content; nothing is ever unpickled,
+and a member that is a pickle of any protocol is refused, whatever its name) in a
+temporary folder outside the destination, and the destination is written only
+after every check has passed. Before anything is unpacked, the sizes in the
+members' headers may add up to at most 100 times the archive's size (at least
+256 MB, at most 16 GB): a compression bomb is refused without filling the disk. An import goes into its own folder:
 
     dest_dir/<namespace>/
       IMPORTED.json    owner (organisation + namespace) and the history of imports
@@ -31,10 +34,12 @@ import hashlib
 import importlib.metadata
 import io
 import json
+import pickletools
 import re
 import shutil
 import tarfile
 import tempfile
+import warnings
 import zipfile
 import zlib
 from collections.abc import Callable
@@ -59,7 +64,15 @@ from reid.catalogue import (
 )
 from reid.errors import Problem, ReidError, report
 from reid.files import atomic_write, sha256_file
-from reid.gallery import CURRENT_FILE, EMBEDDINGS_FILE, ENTRIES_FILE, MANIFEST_FILE, Gallery, read_manifest
+from reid.gallery import (
+    CURRENT_FILE,
+    EMBEDDINGS_FILE,
+    ENTRIES_FILE,
+    LOCK_FILE,
+    MANIFEST_FILE,
+    Gallery,
+    gallery_lock,
+)
 from reid.gallery import SCHEMA_VERSION as GALLERY_SCHEMA_VERSION
 from reid.images import ImageReadError, image_size, read_image
 from reid.index import IndexKind
@@ -79,6 +92,11 @@ MAX_MEMBERS = 500_000
 MAX_MEMBER_BYTES = 2 << 30
 MAX_TOTAL_BYTES = 16 << 30
 MAX_MANIFEST_BYTES = 64 << 20
+# A gzip bomb unpacks to thousands of times its size; a real archive (embeddings, JPEG crops, CSV) to a few
+# times. The members' sizes, read from their headers before anything is written, may add up to at most
+# MAX_EXPANSION x the archive's size (at least MIN_UNPACKED_ALLOWANCE, at most MAX_TOTAL_BYTES).
+MAX_EXPANSION = 100
+MIN_UNPACKED_ALLOWANCE = 256 << 20
 
 _NAMESPACE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,31}")
 _EXTRA_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
@@ -188,7 +206,7 @@ def export_catalogue(
             "created": created,
             "software_version": software_version(),
             "gallery_schema_version": GALLERY_SCHEMA_VERSION,
-            "gallery_version": read_manifest(gallery_dir).get("version"),
+            "gallery_version": gallery.version,
             "gallery_created": gallery.created,
             "embedder_fingerprint": gallery.embedder_fingerprint,
             "embedding_dim": gallery.dim,
@@ -220,9 +238,18 @@ def import_catalogue(archive: str | Path, dest_dir: str | Path, *, progress: boo
         manifest = _verified_manifest(archive, staged)
         gallery = _gallery_from(archive, staged, manifest)
         crops_index = _crops_index(archive, staged, gallery.entries)
-        folder, marker = _target_folder(archive, dest_dir, manifest)
-        # Every check has passed: from here on, dest_dir/<namespace> is written.
-        return _install(archive, folder, marker, manifest, staged, gallery, crops_index)
+        folder, _ = _target_folder(archive, dest_dir, manifest)
+        created = not folder.exists()
+        try:
+            with gallery_lock(folder):
+                # Again under the lock: another import into the same folder may have finished meanwhile.
+                folder, marker = _target_folder(archive, dest_dir, manifest)
+                # Every check has passed: from here on, dest_dir/<namespace> is written.
+                return _install(archive, folder, marker, manifest, staged, gallery, crops_index)
+        except BaseException:
+            if created and folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+            raise
 
 
 def load_imported(folder: str | Path) -> ImportedCatalogue:
@@ -238,7 +265,7 @@ def load_imported(folder: str | Path) -> ImportedCatalogue:
     record = folder / IMPORTS_DIR / version_dir.name
     try:
         manifest = json.loads((record / MANIFEST_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, RecursionError) as err:
         raise ReidError(f"{record / MANIFEST_FILE}: unreadable ({err}); import the partner's archive again") from err
     crops_path = record / CROPS_INDEX_FILE
     crops = load_catalogue(crops_path) if crops_path.is_file() else None
@@ -326,6 +353,8 @@ def _checked_members(archive: Path, tar: tarfile.TarFile) -> list[tarfile.TarInf
     files: list[tarfile.TarInfo] = []
     seen: set[str] = set()
     total_bytes = 0
+    compressed_bytes = archive.stat().st_size
+    unpacked_limit = min(MAX_TOTAL_BYTES, max(MIN_UNPACKED_ALLOWANCE, MAX_EXPANSION * compressed_bytes))
     # Lazily, so a flood of headers stops at MAX_MEMBERS instead of filling memory.
     for count, member in enumerate(tar, start=1):
         if count > MAX_MEMBERS:
@@ -337,9 +366,14 @@ def _checked_members(archive: Path, tar: tarfile.TarFile) -> list[tarfile.TarInf
             raise ArchiveError(archive, member.name, "appears twice in the archive", ASK_NEW_EXPORT)
         seen.add(member.name)
         total_bytes += member.size
-        if total_bytes > MAX_TOTAL_BYTES:
+        if total_bytes > unpacked_limit:
             raise ArchiveError(
-                archive, member.name, f"the archive unpacks to more than {MAX_TOTAL_BYTES} bytes", ASK_NEW_EXPORT
+                archive,
+                member.name,
+                f"the archive would unpack to more than {unpacked_limit} bytes from {compressed_bytes} "
+                f"(the limit is {MAX_EXPANSION} times its size, at least {MIN_UNPACKED_ALLOWANCE} bytes, at most "
+                f"{MAX_TOTAL_BYTES}): a compression bomb, or not a catalogue archive",
+                ASK_NEW_EXPORT,
             )
         if member.isreg():
             files.append(member)
@@ -420,6 +454,8 @@ def _content_problem(name: str, data: bytes) -> str | None:
     """Return why a file's content may not be used, or None; never unpickles anything."""
     if data[:1] == b"\x80" and data[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
         return "is a pickle (by its first bytes), which runs code when loaded; archives never hold pickles"
+    if _is_text_pickle(data):
+        return "is a pickle (protocol 0 or 1, by its opcodes), which runs code when loaded; archives never hold pickles"
     suffix = PurePosixPath(name).suffix
     try:
         if suffix == ".npy":
@@ -446,6 +482,23 @@ def _content_problem(name: str, data: bytes) -> str | None:
     return None
 
 
+def _is_text_pickle(data: bytes) -> bool:
+    """Return True when the bytes are a protocol 0 or 1 pickle, judged by reading its opcodes without running them.
+
+    Such a pickle is plain ASCII, so it passes as .txt or .csv. No text file is a
+    valid opcode stream that ends in STOP with a consistent stack (JSON never is).
+    """
+    if data[:1] == b"\x80":
+        return False  # protocols 2-5, judged by their first bytes
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # odd escapes in text read as string arguments
+            pickletools.dis(io.BytesIO(data), out=io.StringIO())
+    except Exception:
+        return False
+    return True
+
+
 # --- import: manifest, gallery, crops -----------------------------------------------------------
 
 
@@ -455,7 +508,7 @@ def _verified_manifest(archive: Path, staged: dict[str, Path]) -> dict[str, Any]
         raise ArchiveError(archive, MANIFEST_FILE, "is missing", ASK_RESEND)
     try:
         manifest = json.loads(staged[MANIFEST_FILE].read_bytes().decode("utf-8"))
-    except ValueError as err:
+    except (ValueError, RecursionError) as err:
         raise ArchiveError(archive, MANIFEST_FILE, f"is not valid JSON ({err})", ASK_RESEND) from err
     if not isinstance(manifest, dict) or manifest.get("format") != ARCHIVE_FORMAT:
         raise ArchiveError(archive, MANIFEST_FILE, f"does not describe a {ARCHIVE_FORMAT}", ASK_NEW_EXPORT)
@@ -639,7 +692,7 @@ def _target_folder(archive: Path, dest_dir: Path, manifest: dict[str, Any]) -> t
         return folder, None
     marker_path = folder / MARKER_FILE
     if not marker_path.is_file():
-        if any(folder.iterdir()):
+        if any(p.name != LOCK_FILE for p in folder.iterdir()):
             raise refuse(
                 folder,
                 "it holds files that were not imported from a catalogue archive (a local catalogue?), "
@@ -651,7 +704,7 @@ def _target_folder(archive: Path, dest_dir: Path, manifest: dict[str, Any]) -> t
         marker = json.loads(marker_path.read_text(encoding="utf-8"))
         held = f"{marker['organisation']} ({marker['namespace']})"
         last_created = marker["imports"][-1]["archive_created"] if marker["imports"] else None
-    except (OSError, ValueError, KeyError, TypeError, IndexError) as err:
+    except (OSError, ValueError, KeyError, TypeError, IndexError, RecursionError) as err:
         raise refuse(folder, f"its {MARKER_FILE} is unreadable ({err})", "restore that folder from a backup") from err
     if (marker["organisation"], marker["namespace"]) != (organisation, namespace):
         raise refuse(
@@ -699,7 +752,8 @@ def _install(
             for file in crops_index["file"]:
                 shutil.copyfile(staged[file], staging / file)
             save_catalogue(_crops_table(gallery.entries, crops_index, staging), staging / CROPS_INDEX_FILE)
-        version_dir = gallery.save(folder)
+        # The partner's newer export replaces what was imported before (the lock is held).
+        version_dir = gallery.save(folder, replace=True)
         record = imports / version_dir.name
         if record.exists():
             shutil.rmtree(record)

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from reid import sharing
 from reid.catalogue import COLUMN_NAMES, build_catalogue, generalise_coordinates
 from reid.errors import ReidError
 from reid.gallery import Gallery
@@ -248,6 +249,12 @@ MALICIOUS: dict[str, tuple[Callable[[Members], Members], list[Callable[[], tuple
         [],
         "pickle",
     ),
+    "protocol-0 pickle under a text name": (
+        lambda m: _relisted({**m, "extra/notes.txt": pickle.dumps({"a": [1, 2]}, protocol=0)}),
+        [],
+        "pickle",
+    ),
+    "deeply nested manifest": (lambda m: {**m, "manifest.json": b"[" * 100_000 + b"]" * 100_000}, [], "not valid JSON"),
     "object array": (
         lambda m: _relisted({**m, "embeddings.npy": _npy(np.array([{"evil": 1}], dtype=object))}),
         [],
@@ -289,6 +296,26 @@ def test_oversized_members_are_refused(archive: Path, dest: Path, monkeypatch: p
     with pytest.raises(ArchiveError, match="over the limit of 100"):
         import_catalogue(archive, dest, progress=False)
     assert _snapshot(dest) == before
+
+
+def test_a_compression_bomb_is_refused_before_anything_is_unpacked(
+    archive: Path, dest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("reid.sharing.MIN_UNPACKED_ALLOWANCE", 1 << 20)
+    bomb = _pack(tmp_path / "bomb.tar.gz", {**_members(archive), "extra/zeros.txt": bytes(40 << 20)})
+    assert bomb.stat().st_size < 200_000
+    copied: list[str] = []
+    real_copy = sharing._copy_member
+    monkeypatch.setattr(sharing, "_copy_member", lambda *a: copied.append(a[2].name) or real_copy(*a))
+    before = _snapshot(dest)
+    with pytest.raises(ArchiveError, match=r"'extra/zeros.txt': the archive would unpack to more than \d+ bytes"):
+        import_catalogue(bomb, dest, progress=False)
+    assert copied == [] and _snapshot(dest) == before
+
+
+def test_a_text_file_is_not_taken_for_a_pickle() -> None:
+    for text in (b"0.5\n", b"annotation_id,file\nx,crops/000001.jpg\n", b'{"known": 0.7}', b"(a) notes\n"):
+        assert sharing._content_problem("extra/notes.txt", text) is None
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "gzip of garbage", "missing"])
