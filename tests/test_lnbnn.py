@@ -1,0 +1,114 @@
+"""LNBNN votes through FAISS agree with a brute-force vote written independently."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from reid.errors import ReidError
+from reid.matchers import LnbnnRanker, LocalFeatures, lnbnn_votes
+
+
+def _features(rng: np.random.Generator, n: int, dim: int) -> LocalFeatures:
+    descriptors = rng.normal(size=(n, dim)).astype(np.float32)
+    return LocalFeatures(rng.uniform(0, 50, (n, 2)), descriptors, (50, 50))
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _brute_force(query, gallery, owners, k, excluded=()):
+    """Return {individual: score}: every query descriptor against every allowed gallery descriptor, plain loops."""
+    rows, who = [], []
+    for i, item in enumerate(gallery):
+        if i in excluded:
+            continue
+        rows.append(_unit(item.descriptors.astype(np.float64)))
+        who += [owners[i]] * len(item)
+    bank = np.concatenate(rows)
+    scores: dict[str, float] = {}
+    for q in _unit(query.descriptors.astype(np.float64)):
+        distances = np.linalg.norm(bank - q, axis=1)
+        order = np.argsort(distances, kind="stable")[: k + 1]
+        if len(order) < k + 1:
+            continue
+        normaliser = distances[order[k]]
+        voted: dict[str, float] = {}
+        for j in order[:k]:
+            voted[who[j]] = max(voted.get(who[j], 0.0), normaliser - distances[j])
+        for name, weight in voted.items():
+            scores[name] = scores.get(name, 0.0) + weight
+    return scores
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_lnbnn_matches_a_brute_force_vote(k: int) -> None:
+    rng = np.random.default_rng(0)
+    gallery = [_features(rng, int(rng.integers(5, 25)), 16) for _ in range(12)]
+    owners = [f"ind-{i % 5}" for i in range(12)]
+    ranker = LnbnnRanker(gallery, owners, k=k)
+    query = _features(rng, 30, 16)
+    expected = _brute_force(query, gallery, owners, k)
+    got = ranker.individual_scores(query)
+    assert list(ranker.individuals) == sorted(set(owners))
+    for name, score in zip(ranker.individuals, got, strict=True):
+        assert score == pytest.approx(expected.get(name, 0.0), abs=1e-4)
+
+
+def test_excluded_pictures_neither_vote_nor_crowd_out_the_others() -> None:
+    rng = np.random.default_rng(1)
+    gallery = [_features(rng, 20, 8) for _ in range(8)]
+    owners = ["a", "a", "b", "b", "c", "c", "d", "d"]
+    # The query is a near copy of picture 0: its own encounter, to be left out.
+    query = LocalFeatures(gallery[0].keypoints, gallery[0].descriptors + 0.01, (50, 50))
+    ranker = LnbnnRanker(gallery, owners, k=4)
+    got = ranker.individual_scores(query, exclude=[0])
+    expected = _brute_force(query, gallery, owners, 4, excluded={0})
+    for name, score in zip(ranker.individuals, got, strict=True):
+        assert score == pytest.approx(expected.get(name, 0.0), abs=1e-4)
+    assert ranker.individual_scores(query)[0] > got[0]
+
+
+def test_picture_scores_vote_per_picture() -> None:
+    rng = np.random.default_rng(2)
+    gallery = [_features(rng, 15, 8) for _ in range(6)]
+    ranker = LnbnnRanker(gallery, ["x", "x", "y", "y", "z", "z"], k=3)
+    query = _features(rng, 25, 8)
+    expected = _brute_force(query, gallery, [str(i) for i in range(6)], 3)
+    got = ranker.picture_scores(query)
+    np.testing.assert_allclose(got, [expected.get(str(i), 0.0) for i in range(6)], atol=1e-4)
+
+
+def test_sides_are_searched_apart() -> None:
+    rng = np.random.default_rng(3)
+    left = [_features(rng, 20, 8) for _ in range(4)]
+    right = [_features(rng, 20, 8) for _ in range(4)]
+    owners = ["a", "b", "c", "d"] * 2
+    sides = ["left"] * 4 + ["right"] * 4
+    ranker = LnbnnRanker(left + right, owners, sides, k=2)
+    query = LocalFeatures(left[1].keypoints, left[1].descriptors, (50, 50))
+    only_left = LnbnnRanker(left, owners[:4], k=2).individual_scores(query)
+    np.testing.assert_allclose(ranker.individual_scores(query, "left"), only_left)
+    assert ranker.individual_scores(query, "left").argmax() == 1
+    # Unknown side: each individual keeps its better side.
+    only_right = LnbnnRanker(right, owners[4:], k=2).individual_scores(query)
+    np.testing.assert_allclose(ranker.individual_scores(query, "unknown"), np.maximum(only_left, only_right))
+
+
+def test_votes_need_k_plus_one_usable_neighbours() -> None:
+    distances = np.array([[0.1, 0.2, 0.5], [0.1, 0.3, 0.4]])
+    labels = np.array([[0, 0, 1], [1, -1, 0]])
+    # Row 0: label 0 once (best weight 0.4); row 1 has only two usable neighbours for k = 2.
+    np.testing.assert_allclose(lnbnn_votes(distances, labels, 2, k=2), [0.4, 0.0])
+    np.testing.assert_allclose(lnbnn_votes(distances, labels, 2, k=1), [0.1, 0.3])
+
+
+def test_lnbnn_refuses_mismatched_inputs() -> None:
+    rng = np.random.default_rng(4)
+    with pytest.raises(ReidError, match="one individual id"):
+        LnbnnRanker([_features(rng, 5, 8)], ["a", "b"])
+    ranker = LnbnnRanker([_features(rng, 5, 8)], ["a"])
+    with pytest.raises(ReidError, match="one matcher"):
+        ranker.individual_scores(_features(rng, 5, 16))
+    assert ranker.individual_scores(LocalFeatures.empty(8)).tolist() == [0.0]
