@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -60,6 +61,7 @@ COLUMNS: tuple[Column, ...] = (
 COLUMN_NAMES: tuple[str, ...] = tuple(c.name for c in COLUMNS)
 REQUIRED_COLUMNS: tuple[str, ...] = tuple(c.name for c in COLUMNS if c.required)
 
+_CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f]")
 _SIDE_ALIASES = {"l": "left", "r": "right", "": "unknown", "?": "unknown", "na": "unknown", "none": "unknown"}
 _SEX_ALIASES = {"f": "female", "m": "male", "": "unknown", "?": "unknown", "na": "unknown", "none": "unknown"}
 
@@ -120,6 +122,17 @@ def build_catalogue(
                 ),
             )
 
+    for column in COLUMNS:
+        if column.dtype != "string" or column.name in ("source", "source_row"):
+            continue
+        for i, value in enumerate(table[column.name]):
+            if value is not pd.NA and (found := _CONTROL_CHARACTER.search(value)):
+                character = "NUL" if found.group() == "\0" else f"U+{ord(found.group()):04X}"
+                complain(
+                    i,
+                    f"{column.name} {value!r} contains an invisible control character ({character}); remove it",
+                )
+
     table["side"] = _normalise_choice(table["side"], SIDES, _SIDE_ALIASES, "side", complain)
     table["sex"] = _normalise_choice(table["sex"], SEXES, _SEX_ALIASES, "sex", complain)
 
@@ -162,7 +175,45 @@ def build_catalogue(
         else:
             first_row[annotation_id] = where(i)
 
+    _drop_conflicting_labels(table, bad, where, complain)
     return _typed(table.loc[~bad]).reset_index(drop=True), problems
+
+
+def _drop_conflicting_labels(table: pd.DataFrame, bad: np.ndarray, where: Any, complain: Any) -> None:
+    """Report and drop every row of an image (and box) that other rows label as a different individual.
+
+    A picture shows one animal: which label is right cannot be guessed, so none is kept.
+    """
+    labelled = ~bad & table["individual_id"].notna().to_numpy() & table["image_path"].notna().to_numpy()
+    box = table[list(BBOX_COLUMNS)].to_numpy(dtype=float)
+    rows_of: dict[tuple[str, str], list[int]] = {}
+    for i in np.flatnonzero(labelled).tolist():
+        shown = "whole image" if np.isnan(box[i]).any() else "box " + ",".join(f"{v:g}" for v in box[i])
+        rows_of.setdefault((str(table.at[i, "image_path"]), shown), []).append(i)
+    for (image, shown), rows in rows_of.items():
+        label = {i: str(table.at[i, "individual_id"]) for i in rows}
+        if len(set(label.values())) < 2:
+            continue
+        for i in rows:
+            others = "; ".join(f"{where(j)} says {label[j]}" for j in rows if j != i)
+            complain(
+                i,
+                f"image {image} ({shown}) is labelled {label[i]} here but {others}; "
+                "one picture shows one animal: correct the wrong label (none of these rows is used)",
+            )
+
+
+def image_problem(table: pd.DataFrame, i: int, image: str, reason: str) -> Problem:
+    """Return the problem of table row i (by position) whose image cannot be used.
+
+    Named by the file and line the row was imported from (`source`, `source_row`:
+    "labels.csv row 5", a CSV line as everywhere else) when the table says so,
+    else by the image file alone.
+    """
+    origin = [table[column].iat[i] if column in table.columns else None for column in ("source", "source_row")]
+    if all(_present(value) for value in origin):
+        return Problem(str(origin[0]), str(origin[1]), f"image {image}: {reason}")
+    return Problem(str(image), "", reason)
 
 
 def validate(table: pd.DataFrame, *, source: str = "catalogue", first_line: int | None = None) -> pd.DataFrame:

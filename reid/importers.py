@@ -30,7 +30,7 @@ import pandas as pd
 from PIL import Image
 
 from reid.catalogue import BBOX_COLUMNS, COLUMN_NAMES, DEFAULT_ENCOUNTER_GAP_S, assign_encounters, build_catalogue
-from reid.errors import CatalogueError, Problem
+from reid.errors import CatalogueError, Problem, quoting_hint
 from reid.images import ImageReadError, image_size
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp"})
@@ -133,6 +133,8 @@ def import_labels_csv(
         [c for c in _LABEL_REQUIRED if c not in columns.values()],
         needed=("path", "individual_id", "side"),
     )
+    if not rows and not problems:
+        raise CatalogueError(f"{path}: the file has a header but no rows; add one row per image below the header")
     sighting_numbers = any(
         name.strip().lower() == "sighting" for name, column in columns.items() if column == "encounter_id"
     )
@@ -417,7 +419,9 @@ def import_megadetector(
 
     Rows have no individual and side unknown: they are captures to identify. Images
     MegaDetector could not read (`failure`) are reported; images with no animal
-    above the threshold give no row and no problem. File paths are relative to
+    above the threshold give no row and no problem. A detection without a
+    `category`, or whose `conf` is not a number from 0 to 1, is reported (one
+    problem per detection, naming the image) and skipped. File paths are relative to
     `image_root` (default: the JSON file's folder). Normalised boxes become pixels of
     the image. A per-image `datetime`, where a tool added one, becomes the timestamp.
     """
@@ -448,6 +452,15 @@ def import_megadetector(
         if not isinstance(entry, dict) or not entry.get("file"):
             problems.append(Problem(str(path), f"image #{index + 1}", "image entry has no 'file'; fix or remove it"))
             continue
+        if not isinstance(entry["file"], str):
+            problems.append(
+                Problem(
+                    str(path),
+                    f"image #{index + 1}",
+                    f"'file' is {_brief(entry['file'])}, not a path; write the image's path as text or remove the entry",
+                )
+            )
+            continue
         where = f"image {entry['file']}"
         if entry.get("failure"):
             problems.append(
@@ -458,13 +471,23 @@ def import_megadetector(
                 )
             )
             continue
-        detections = [
-            (number, detection)
-            for number, detection in enumerate(entry.get("detections") or [], start=1)
-            if isinstance(detection, dict)
-            and str(detection.get("category")) in animal
-            and _number(detection.get("conf"), math.nan) >= min_confidence
-        ]
+        listed = entry.get("detections") or []
+        if not isinstance(listed, list):
+            problems.append(
+                Problem(
+                    str(path),
+                    where,
+                    f"'detections' is {_brief(listed)}, not a list of detections; run the detector on this image again",
+                )
+            )
+            continue
+        detections = []
+        for number, detection in enumerate(listed, start=1):
+            problem = _megadetector_problem(detection)
+            if problem:
+                problems.append(Problem(str(path), f"{where} detection {number}", problem))
+            elif str(detection["category"]) in animal and _number(detection["conf"], math.nan) >= min_confidence:
+                detections.append((number, detection))
         if not detections:
             continue
         image = _resolve(entry["file"], base)
@@ -577,7 +600,7 @@ def _finish(
 def _existing_dir(folder: str | Path) -> Path:
     path = Path(folder).resolve()
     if not path.is_dir():
-        raise CatalogueError(f"{path}: folder not found; check the path")
+        raise CatalogueError(f"{path}: folder not found; check the path{quoting_hint(path)}")
     return path
 
 
@@ -599,11 +622,16 @@ def _raise_if_none_found(source: Path, missing: list[Path], records: list[dict[s
 
 
 def _image_files(root: Path, problems: list[Problem]) -> Iterator[tuple[Path, Path]]:
-    """Yield (path, path relative to root) of the image files under root; report the other files."""
+    """Yield (path, path relative to root) of the image files under root; report the other files.
+
+    Raises CatalogueError when root holds no file at all: an empty folder is a wrong path, never an empty import.
+    """
+    found = False
     for path in sorted(root.rglob("*")):
         relative = path.relative_to(root)
         if any(part.startswith(".") for part in relative.parts) or not path.is_file():
             continue
+        found = True
         if path.suffix.lower() not in IMAGE_EXTENSIONS:
             problems.append(
                 Problem(
@@ -614,6 +642,10 @@ def _image_files(root: Path, problems: list[Problem]) -> Iterator[tuple[Path, Pa
             )
             continue
         yield path, relative
+    if not found:
+        raise CatalogueError(
+            f"{root}: the folder holds no files (none in it or below it); check the path, or copy the images there"
+        )
 
 
 def _sides_in_name(name: str) -> set[str]:
@@ -624,6 +656,12 @@ def _sides_in_name(name: str) -> set[str]:
 
 def _source_encounter(kind: str, value: str, country: str | None) -> str:
     return f"{country}/{kind}:{value}" if country else f"{kind}:{value}"
+
+
+def _brief(value: Any) -> str:
+    """Return a value's repr, cut short: a message names a bad value, it does not print a whole file."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _number(value: Any, default: float) -> float:
@@ -670,12 +708,16 @@ def _pixel_box(box: Any, image: Path, sizes: dict[Path, tuple[int, int]]) -> dic
 
 def _read_json(path: Path) -> Any:
     if not path.is_file():
-        raise CatalogueError(f"{path}: file not found; check the path")
+        raise CatalogueError(f"{path}: file not found; check the path{quoting_hint(path)}")
     try:
         with open(path, encoding="utf-8-sig") as f:
             return json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CatalogueError(f"{path}: not valid JSON ({err}); re-export it or fix the file") from err
+    except RecursionError as err:
+        raise CatalogueError(
+            f"{path}: JSON nested too deeply to read (thousands of levels); re-export it or fix the file"
+        ) from err
     except OSError as err:
         raise CatalogueError(f"{path}: cannot read the file ({err}); check it is readable") from err
 
@@ -683,7 +725,7 @@ def _read_json(path: Path) -> Any:
 def _read_csv(path: Path, problems: list[Problem]) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
     """Return (header, [(line number, row)]): rows with the wrong number of cells reported and left out."""
     if not path.is_file():
-        raise CatalogueError(f"{path}: file not found; check the path")
+        raise CatalogueError(f"{path}: file not found; check the path{quoting_hint(path)}")
     try:
         with open(path, encoding="utf-8-sig", newline="") as f:
             text = f.read()
@@ -700,9 +742,13 @@ def _read_csv(path: Path, problems: list[Problem]) -> tuple[list[str], list[tupl
         if not any(header):
             raise CatalogueError(f"{path}: the file is empty; it needs a header row naming its columns")
         rows: list[tuple[int, dict[str, str]]] = []
+        end = reader.line_num
         for cells in reader:
+            start, end = end + 1, reader.line_num
             if not any(cell.strip() for cell in cells):
                 continue
+            if end > start and len(cells) != len(header):
+                _raise_unclosed_quote(path, start, end)
             if len(cells) != len(header):
                 problems.append(
                     Problem(
@@ -716,6 +762,14 @@ def _read_csv(path: Path, problems: list[Problem]) -> tuple[list[str], list[tupl
     except csv.Error as err:
         raise CatalogueError(f"{path}: not a readable CSV (line {reader.line_num}: {err}); fix the file") from err
     return header, rows
+
+
+def _raise_unclosed_quote(path: Path, start: int, end: int) -> None:
+    """Raise CatalogueError for a record that ran over several lines because a quote on its first line was not closed."""
+    raise CatalogueError(
+        f'{path}: line {start}: a quote (") opens a cell that is not closed where the line ends, so lines {start} '
+        f"to {end} were read as one row; close the quote (or remove it) and run again"
+    )
 
 
 def _require_columns(path: Path, header: list[str], missing: Sequence[str], *, needed: Sequence[str]) -> None:
@@ -735,6 +789,19 @@ def _label_columns(header: list[str]) -> dict[str, str]:
         if column in COLUMN_NAMES and (column == key or column not in keys.values()):
             columns[name] = column
     return columns
+
+
+def _megadetector_problem(detection: Any) -> str | None:
+    """Return what makes a MegaDetector detection unusable (no category, a confidence outside 0..1), or None."""
+    if not isinstance(detection, dict):
+        return f"detection {_brief(detection)} is not a JSON object; run the detector on this image again"
+    if detection.get("category") in (None, ""):
+        return "detection has no 'category'; run the detector on this image again"
+    conf = detection.get("conf")
+    if isinstance(conf, bool) or not 0 <= _number(conf, math.nan) <= 1:
+        shown = "missing" if conf is None else _brief(conf)
+        return f"detection confidence 'conf' is {shown}, not a number from 0 to 1; run the detector on this image again"
+    return None
 
 
 def _coco_image(
@@ -794,7 +861,12 @@ def _read_camtrap_table(
 ) -> tuple[Path, list[tuple[int, dict[str, str]]]]:
     """Return (file, rows) of a Camtrap DP resource, found through datapackage.json."""
     resources = descriptor.get("resources") if isinstance(descriptor, dict) else None
-    resource = next((r for r in resources or [] if isinstance(r, dict) and r.get("name") == name), None)
+    if not isinstance(resources, list):
+        raise CatalogueError(
+            f"{descriptor_path}: 'resources' is {_brief(resources)}, not a list of the package's tables; "
+            "check that this is a Camtrap DP datapackage.json"
+        )
+    resource = next((r for r in resources if isinstance(r, dict) and r.get("name") == name), None)
     if resource is None:
         raise CatalogueError(
             f"{descriptor_path}: no '{name}' resource; a Camtrap DP package has deployments, media and observations"

@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from reid.catalogue import BBOX_COLUMNS
+from reid.catalogue import BBOX_COLUMNS, image_problem
 from reid.errors import Problem, ReidError
 from reid.images import ImageReadError, crop_box, image_size, read_image
 
@@ -211,7 +211,8 @@ def extract_rows(
 
     `rows` needs `image_path`; the box columns are optional (missing or NaN is the
     whole image). A row whose image cannot be read gets empty Features (no
-    keypoints, size (0, 0)) and a Problem naming the file and the reason.
+    keypoints, size (0, 0)) and a Problem naming the reason and the row: the file and
+    line it was imported from where the rows say so, else the image.
     """
     if "image_path" not in rows.columns:
         raise ReidError("extract_rows needs an image_path column; pass catalogue rows")
@@ -231,11 +232,11 @@ def extract_rows(
             found.frame_xy = _frame_positions(path, box, config, found)
             features.append(found)
         except ImageReadError as err:
-            problems.append(Problem(err.path, f"row {i}", err.reason))
+            problems.append(image_problem(rows, i, err.path, err.reason))
             features.append(_empty(config.method))
         except OSError as err:
             reason = err.strerror or str(err)
-            problems.append(Problem(path, f"row {i}", f"cannot read the file ({reason}); check the path"))
+            problems.append(image_problem(rows, i, path, f"cannot read the file ({reason}); check the path"))
             features.append(_empty(config.method))
     return features, problems
 

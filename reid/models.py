@@ -33,7 +33,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from reid.catalogue import BBOX_COLUMNS
+from reid.catalogue import BBOX_COLUMNS, image_problem
 from reid.errors import Problem, ReidError
 from reid.files import atomic_write
 from reid.images import ImageReadError, read_image
@@ -358,7 +358,7 @@ def embed_images(
         with tqdm(total=len(table), desc="embedding", unit="img", disable=not progress) as bar:
             for images, rows, failures in loader:
                 for row, error in failures:
-                    problems.append(Problem(error.path, f"row {row}", error.reason))
+                    problems.append(image_problem(table, row, error.path, error.reason))
                 if len(rows):
                     parts.append(model(images.to(device)).float().cpu().numpy())
                     ok[rows] = True
