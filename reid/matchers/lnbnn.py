@@ -116,28 +116,42 @@ class LnbnnRanker:
         return len(self.sides)
 
     def individual_scores(
-        self, query: LocalFeatures, side: str = UNKNOWN_SIDE, *, exclude: Sequence[int] | np.ndarray = ()
+        self,
+        query: LocalFeatures,
+        side: str = UNKNOWN_SIDE,
+        *,
+        exclude: Sequence[int] | np.ndarray = (),
+        lookahead: int | None = None,
     ) -> np.ndarray:
         """Return (I,) float64 LNBNN scores, one per individual of `self.individuals` (0 where none voted).
 
         A query of side left or right is compared with gallery pictures of its side and
         of unknown side; an unknown side with every side, each individual keeping its best
         side's score. `exclude` lists gallery pictures to leave out (the query's own
-        encounter, when the query is itself in the gallery).
+        encounter, when the query is itself in the gallery). Exact exclusion looks past
+        every excluded descriptor; `lookahead` caps that at so many extra neighbours (a
+        benchmark's leave-one-out is then far cheaper; a query descriptor that still
+        finds fewer than K + 1 usable neighbours casts no vote).
         """
-        return self._scores(query, side, exclude, self.picture_label, len(self.individuals))
+        return self._scores(query, side, exclude, lookahead, self.picture_label, len(self.individuals))
 
     def picture_scores(
-        self, query: LocalFeatures, side: str = UNKNOWN_SIDE, *, exclude: Sequence[int] | np.ndarray = ()
+        self,
+        query: LocalFeatures,
+        side: str = UNKNOWN_SIDE,
+        *,
+        exclude: Sequence[int] | np.ndarray = (),
+        lookahead: int | None = None,
     ) -> np.ndarray:
         """Return (G,) float64 LNBNN scores, one per gallery picture: each picture votes as if it were an individual."""
-        return self._scores(query, side, exclude, np.arange(len(self), dtype=np.int64), len(self))
+        return self._scores(query, side, exclude, lookahead, np.arange(len(self), dtype=np.int64), len(self))
 
     def _scores(
         self,
         query: LocalFeatures,
         side: str,
         exclude: Sequence[int] | np.ndarray,
+        lookahead: int | None,
         label_of_picture: np.ndarray,
         n_labels: int,
     ) -> np.ndarray:
@@ -159,6 +173,8 @@ class LnbnnRanker:
             group = self._groups[name]
             # Excluded pictures' descriptors may crowd out the others: look that much further.
             hidden = int(self.n_descriptors[excluded & (self.sides == name)].sum())
+            if lookahead is not None:
+                hidden = min(hidden, max(0, int(lookahead)))
             similarity, ids = group.index.search(descriptors, self.k + 1 + hidden)
             distances = np.sqrt(np.maximum(2.0 - 2.0 * similarity.astype(np.float64), 0.0))
             pictures = group.picture[np.maximum(ids, 0)]
