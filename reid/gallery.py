@@ -44,7 +44,7 @@ import numpy as np
 import pandas as pd
 
 from reid.catalogue import BBOX_COLUMNS, COLUMN_NAMES, SIDES, build_catalogue
-from reid.errors import Problem, ReidError
+from reid.errors import Problem, ReidError, quoting_hint
 from reid.files import atomic_write, sha256_file
 from reid.index import EmbeddingIndex, IndexKind
 
@@ -257,10 +257,13 @@ class Gallery:
         differs from the gallery's.
         """
         folder = Path(folder)
+        if folder.exists() and not folder.is_dir():
+            raise GalleryError(f"{folder}: is a file, not a gallery folder; give the gallery's folder")
         version = current_version(folder)
         if version is None:
             raise GalleryError(
                 f"{folder}: no gallery here ({CURRENT_FILE} missing); build one with `python infer.py mode=build`"
+                + quoting_hint(folder)
             )
         version_dir = folder / version
         if not _VERSION_NAME.fullmatch(version) or not version_dir.is_dir():

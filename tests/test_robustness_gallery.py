@@ -156,6 +156,15 @@ def test_a_gallery_path_that_is_a_file_is_refused_before_any_work(tmp_path: Path
         pass
 
 
+def test_loading_a_file_or_a_path_cut_at_a_space_says_so(tmp_path: Path) -> None:
+    (tmp_path / "g").write_text("not a folder")
+    with pytest.raises(GalleryError, match=r"g: is a file, not a gallery folder"):
+        Gallery.load(tmp_path / "g")
+    _saved(tmp_path / "KZ gallery")
+    with pytest.raises(GalleryError, match=r"no gallery here .*looks cut at a space: .*KZ gallery exists"):
+        Gallery.load(tmp_path / "KZ")
+
+
 def test_a_folder_with_versions_but_no_current_is_refused_listing_them(tmp_path: Path) -> None:
     folder = tmp_path / "g"
     gallery = _saved(folder)
