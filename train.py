@@ -25,7 +25,9 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from reid.training import as_catalogue, fit_and_export
+from reid.errors import report
+from reid.importers import load_source
+from reid.training import fit_and_export
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -38,7 +40,8 @@ def main(cfg: DictConfig) -> float | None:
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
 
-    table = as_catalogue(instantiate(cfg.data.source))
+    table, problems = load_source(instantiate(cfg.data.source))
+    report(problems, what="importing the training data")
     embedder = instantiate(cfg.model)
     preprocess = embedder.config
     train_transform = wire(cfg.augment, img_size=preprocess.img_size, mean=preprocess.mean, std=preprocess.std)

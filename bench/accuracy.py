@@ -45,17 +45,18 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
 
-from reid import analysis
 from reid.census import count_individuals
-from reid.fusion import DEFAULT_CALIBRATION, FusedScorer, ScoreFusion, fit_calibration
-from reid.gallery import Gallery
+from reid.decisions import identified_captures
+from reid.fusion import DEFAULT_CALIBRATION, ScoreFusion, fit_calibration
+from reid.gallery import Gallery, StoredKeypoints
+from reid.importers import load_source
 from reid.index import EmbeddingIndex
 from reid.keypoints import KeypointConfig, draw_correspondences, extract_rows, match, read_crop, score_pairs
-from reid.matching import match_captures
 from reid.metrics import first_match_ranks, retrieval_metrics
 from reid.models import create_embedder, embed_images, export_embedder, load_embedder
 from reid.splits import split_catalogue
-from reid.training import as_catalogue
+from reid.workflows.calibrate import CalibrationSettings, calibrate_thresholds
+from reid.workflows.match import score_queries
 
 ROOT = Path(__file__).resolve().parents[1]
 SHORTLISTS = (10, 25, 50, 100, 200)
@@ -207,7 +208,7 @@ def prepare(args: argparse.Namespace, out: Path) -> tuple[pd.DataFrame, Path]:
     config = OmegaConf.load(embedder_dir.parent / "config.yaml")
     if config.split.method != "disjoint":
         sys.exit(f"{embedder_dir}: trained with split={config.split.method}; the benchmark needs split=disjoint")
-    table = as_catalogue(instantiate(config.data.source))
+    table = load_source(instantiate(config.data.source))[0]
     held = split_catalogue(table, "disjoint", test_fraction=config.split.test_fraction, seed=config.split.seed)
     return table[(held == "test").to_numpy()].reset_index(drop=True), embedder_dir
 
@@ -221,10 +222,10 @@ def load_table(args: argparse.Namespace) -> pd.DataFrame:
             ROOT / "data" / f"synthetic-{args.synthetic_individuals}",
             SyntheticConfig(n_individuals=args.synthetic_individuals),
         )
-        return as_catalogue(path)
+        return load_source(path)[0]
     from reid.importers import import_labels_csv
 
-    return as_catalogue(import_labels_csv(args.labels))
+    return load_source(import_labels_csv(args.labels))[0]
 
 
 def allowed_pairs(table: pd.DataFrame) -> np.ndarray:
@@ -347,14 +348,13 @@ def open_set_rates(
             calib, test = folds != fold, folds == fold
             calib_rows, test_rows = table[calib].reset_index(drop=True), table[test].reset_index(drop=True)
             sub = [f for f, t in zip(features, calib, strict=True) if t]
-            thresholds, _, scoring = analysis.calibrate_thresholds(
+            thresholds, _, scoring = calibrate_thresholds(
                 calib_rows,
                 emb[calib],
                 features=sub,
                 keypoint_config=config,
-                scoring=ScoreFusion(method, shortlist, rule),  # type: ignore[arg-type]
-                calibration_method=calibration,  # type: ignore[arg-type]
-                seed=seed,
+                fusion=ScoreFusion(method, shortlist, rule),  # type: ignore[arg-type]
+                settings=CalibrationSettings(method=calibration, seed=seed),  # type: ignore[arg-type]
             )
             split = split_catalogue(test_rows, "open_set", unseen_fraction=unseen, test_fraction=0.3, seed=seed)
             ref, qry = (split == "train").to_numpy(), (split == "test").to_numpy()
@@ -362,16 +362,18 @@ def open_set_rates(
             test_features = [f for f, t in zip(features, test, strict=True) if t]
             gallery = Gallery.empty("bench", emb.shape[1])
             gallery.add(test_rows[ref], test_emb[ref], list(test_rows.loc[ref, "annotation_id"]))
-            scorer = FusedScorer(
-                scoring,
-                test_emb[qry],
-                gallery.embeddings,
-                [f for f, q in zip(test_features, qry, strict=True) if q],
-                [f for f, r in zip(test_features, ref, strict=True) if r],
-                config,
-            )
+            gallery.keypoints = StoredKeypoints([f for f, r in zip(test_features, ref, strict=True) if r], config)
             queries = test_rows[qry].reset_index(drop=True)
-            result = match_captures(gallery, queries, test_emb[qry], thresholds, scorer=scorer, new_prefix="NEW")
+            result, _ = score_queries(
+                gallery,
+                queries,
+                test_emb[qry],
+                thresholds,
+                fusion=scoring,
+                query_features=[f for f, q in zip(test_features, qry, strict=True) if q],
+                new_prefix="NEW",
+                progress=False,
+            )
             decided = result.decisions.merge(
                 queries[["annotation_id", "individual_id"]], left_on="query", right_on="annotation_id"
             )
@@ -383,7 +385,7 @@ def open_set_rates(
             totals["unseen"] += int((~known).sum())
             totals["false_merge"] += int((~known & (decided["decision"] == "known")).sum())
             totals["review"] += int((decided["decision"] == "review").sum())
-            captures = analysis.identified_captures(queries, result.decisions)
+            captures = identified_captures(queries, result.decisions)
             found = count_individuals(captures, known_sides=gallery.entries).iloc[0]
             truth = count_individuals(queries, known_sides=gallery.entries).iloc[0]
             counts["minimum"] += int(found["minimum"])

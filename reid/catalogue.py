@@ -25,6 +25,13 @@ from reid.errors import CatalogueError, Problem
 from reid.files import atomic_write
 
 SIDES = ("left", "right", "unknown")
+# Which gallery sides a query of each side is searched against: flanks differ, so never left against right.
+# An unknown-side entry could be either flank, and an unknown-side query searches everything.
+SEARCHED_SIDES: dict[str, tuple[str, ...]] = {
+    "left": ("left", "unknown"),
+    "right": ("right", "unknown"),
+    "unknown": SIDES,
+}
 SEXES = ("female", "male", "unknown")
 BBOX_COLUMNS = ("bbox_x", "bbox_y", "bbox_w", "bbox_h")
 DEFAULT_ENCOUNTER_GAP_S = 60.0

@@ -66,6 +66,20 @@ def count_individuals(
     return pd.DataFrame(rows, columns=columns)
 
 
+def count_table(
+    captures: pd.DataFrame,
+    *,
+    by: Sequence[str] = ("country",),
+    period: str | None = None,
+    known_sides: pd.DataFrame | None = None,
+) -> pd.DataFrame:
+    """Return `count_individuals` per group preceded by the combined row, whose group columns read "all"."""
+    combined = count_individuals(captures, known_sides=known_sides).assign(**{c: "all" for c in by})
+    groups = count_individuals(captures, by=by, period=period, known_sides=known_sides)
+    table = pd.concat([combined, groups], ignore_index=True)
+    return table[[*by, *[c for c in table.columns if c not in by]]]
+
+
 def _bounds(captures: pd.DataFrame, extra: dict[str, set[str]], simultaneous_s: float) -> dict:
     evidence = _evidence(captures)
     sides = {i: set(e.sides) | extra.get(i, set()) for i, e in evidence.items()}

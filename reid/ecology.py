@@ -37,7 +37,7 @@ import pandas as pd
 from PIL import Image
 
 from reid.catalogue import generalise_coordinates, validate
-from reid.errors import CatalogueError
+from reid.errors import CatalogueError, Problem
 from reid.files import atomic_write
 from reid.images import ImageReadError, image_size
 
@@ -921,3 +921,52 @@ def _write_lines(path: str | Path, lines: Iterable[str]) -> None:
     with atomic_write(path) as f:
         for line in lines:
             f.write(line + "\n")
+
+
+def write_capture_histories(
+    catalogue: pd.DataFrame,
+    out_dir: str | Path,
+    *,
+    occasion_days: float = 1,
+    start: str | None = None,
+    session: str = "1",
+) -> dict[str, Path]:
+    """Write secr capture and trap files (one pair per flank) and multimark histories into `out_dir`."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for side in ("left", "right"):
+        captures, traps = secr_capture_history(
+            catalogue, occasion_days=occasion_days, start=start, side=side, session=session
+        )
+        files[f"secr_{side}"] = out_dir / f"secr_captures_{side}.txt"
+        files[f"secr_traps_{side}"] = out_dir / f"secr_traps_{side}.txt"
+        write_secr(captures, traps, files[f"secr_{side}"], files[f"secr_traps_{side}"])
+    files["multimark"] = out_dir / "multimark.csv"
+    write_multimark(multimark_histories(catalogue, occasion_days=occasion_days, start=start), files["multimark"])
+    return files
+
+
+def write_camtrap_dp(
+    catalogue: pd.DataFrame,
+    out_dir: str | Path,
+    *,
+    organisation: str,
+    schemas_dir: str | Path | None,
+    precision_deg: float = 0.1,
+    exact_coordinates: bool = False,
+) -> tuple[Path, list[Problem]]:
+    """Export the catalogue as a Camtrap DP package and validate it offline; return it and any validation errors."""
+    package = export_camtrap_dp(
+        catalogue, out_dir, organisation=organisation, precision_deg=precision_deg, exact_coordinates=exact_coordinates
+    )
+    if schemas_dir is None or not Path(schemas_dir).is_dir():
+        return package, [
+            Problem(
+                str(package),
+                "validation",
+                f"not validated: no Camtrap DP schemas at {schemas_dir}; set "
+                "camtrap_dp_schemas to a folder with the official table schemas",
+            )
+        ]
+    return package, [Problem(str(package), "validation", error) for error in validate_camtrap_dp(package, schemas_dir)]

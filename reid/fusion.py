@@ -27,8 +27,6 @@ from sklearn.linear_model import LogisticRegression
 from reid.errors import ReidError, log
 from reid.keypoints import Features, KeypointConfig, score_pairs
 
-FUSION_FILE = "fusion.json"
-KEYPOINTS_FILE = "keypoints.npz"
 ScoreMethod = Literal["embedding", "keypoints", "fused"]
 FusionRule = Literal["mean", "log_odds"]
 CalibrationMethod = Literal["logistic", "isotonic"]
@@ -219,7 +217,6 @@ class FusedScorer:
         self,
         fusion: ScoreFusion,
         query_embeddings: np.ndarray,
-        gallery_embeddings: np.ndarray,
         query_features: Sequence[Features] | None = None,
         gallery_features: Sequence[Features] | None = None,
         keypoint_config: KeypointConfig | None = None,
@@ -233,7 +230,6 @@ class FusedScorer:
             )
         self.fusion = fusion
         self.query_embeddings = np.asarray(query_embeddings, dtype=np.float32)
-        self.gallery_embeddings = np.asarray(gallery_embeddings, dtype=np.float32)
         self.query_features, self.gallery_features = query_features, gallery_features
         self.keypoint_config = keypoint_config or KeypointConfig()
         self.progress = progress

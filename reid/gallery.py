@@ -8,6 +8,12 @@ On disk a gallery is a folder of plain files, versioned:
         manifest.json      embedder fingerprint, sizes, times, counts, SHA-256 of every file
         entries.csv        catalogue columns + content_hash, one row per embedding
         embeddings.npy     (N, D) float32, L2-normalised (read with allow_pickle=False)
+        keypoints.npz      optional: every entry's keypoint features and their settings (plain arrays)
+        fusion.json        optional: how scores are made and calibrated (`reid.fusion.ScoreFusion`)
+        thresholds.json    optional: the calibrated decision thresholds (`reid.decisions.Thresholds`)
+
+The `Gallery` type is the one owner of these files: the optional ones are read and
+written through its `keypoints`, `fusion` and `thresholds` properties.
 
 Every change writes a new version folder and then replaces CURRENT atomically, so
 a killed enrol leaves the previous gallery intact; older versions are pruned, but
@@ -33,36 +39,47 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any, NamedTuple, get_args
 
 import numpy as np
 import pandas as pd
 
-from reid.catalogue import BBOX_COLUMNS, COLUMN_NAMES, SIDES, build_catalogue
+from reid.catalogue import BBOX_COLUMNS, COLUMN_NAMES, SEARCHED_SIDES, SIDES, build_catalogue
+from reid.decisions import Thresholds
 from reid.errors import Problem, ReidError, quoting_hint
 from reid.files import atomic_write, sha256_file
+from reid.fusion import ScoreFusion
 from reid.index import EmbeddingIndex, IndexKind
+from reid.keypoints import Features, KeypointConfig, features_from_bytes, features_to_bytes
 
 SCHEMA_VERSION = 1
 CURRENT_FILE = "CURRENT"
 MANIFEST_FILE = "manifest.json"
 ENTRIES_FILE = "entries.csv"
 EMBEDDINGS_FILE = "embeddings.npy"
+THRESHOLDS_FILE = "thresholds.json"
+FUSION_FILE = "fusion.json"
+KEYPOINTS_FILE = "keypoints.npz"
 LOCK_FILE = "LOCK"
 KEEP_VERSIONS = 3
 # A commit (write a version, switch CURRENT) takes seconds; a save waits this long for another run's commit.
 COMMIT_WAIT_S = 60.0
-# Which gallery sides a query of each side is searched against: flanks differ, so never left against right.
-SEARCHED_SIDES = {"left": ("left", "unknown"), "right": ("right", "unknown"), "unknown": SIDES}
 
 
 class GalleryError(ReidError):
     """A gallery folder is missing, damaged, or belongs to another embedder."""
+
+
+class StoredKeypoints(NamedTuple):
+    """Keypoint features of every gallery entry (aligned with its rows) and the settings they were made with."""
+
+    features: Sequence[Features]
+    config: KeypointConfig
 
 
 @dataclass
@@ -95,6 +112,58 @@ class Gallery:
 
     def __len__(self) -> int:
         return len(self.entries)
+
+    @property
+    def thresholds(self) -> Thresholds | None:
+        """Return the decision thresholds calibrated for this gallery, or None before calibration."""
+        data = self.extra_files.get(THRESHOLDS_FILE)
+        return None if data is None else Thresholds.from_json(data)
+
+    @thresholds.setter
+    def thresholds(self, value: Thresholds) -> None:
+        self.extra_files[THRESHOLDS_FILE] = value.to_json().encode()
+
+    @property
+    def fusion(self) -> ScoreFusion:
+        """Return the score fusion calibrated for this gallery (embedding alone before calibration)."""
+        data = self.extra_files.get(FUSION_FILE)
+        return ScoreFusion() if data is None else ScoreFusion.from_json(data)
+
+    @fusion.setter
+    def fusion(self, value: ScoreFusion) -> None:
+        self.extra_files[FUSION_FILE] = value.to_json().encode()
+
+    @property
+    def keypoints(self) -> StoredKeypoints | None:
+        """Return the entries' stored keypoint features (one per entry) and their settings, or None if it has none."""
+        data = self.extra_files.get(KEYPOINTS_FILE)
+        if data is None:
+            return None
+        features, config = features_from_bytes(data)
+        if len(features) != len(self):
+            raise GalleryError(
+                f"the gallery's {KEYPOINTS_FILE} has features of {len(features)} entries, but it has {len(self)}; "
+                "rebuild the gallery (`python infer.py mode=build`)"
+            )
+        return StoredKeypoints(features, config)
+
+    @keypoints.setter
+    def keypoints(self, value: StoredKeypoints) -> None:
+        if len(value.features) != len(self):
+            raise GalleryError(f"keypoint features of {len(value.features)} entries for a gallery of {len(self)}")
+        self.extra_files[KEYPOINTS_FILE] = features_to_bytes(list(value.features), value.config)
+
+    def require_keypoints(self, fusion: ScoreFusion) -> StoredKeypoints | None:
+        """Return the stored keypoint features when `fusion` uses them (None when it does not); raise if missing."""
+        if not fusion.uses_keypoints:
+            return None
+        stored = self.keypoints
+        if stored is None:
+            raise GalleryError(
+                f"score method {fusion.method} needs the gallery's keypoint features; rebuild the gallery with "
+                "keypoints enabled (`python infer.py mode=build keypoints.method=rootsift`)"
+            )
+        return stored
 
     def add(self, entries: pd.DataFrame, embeddings: np.ndarray, content_hashes: list[str]) -> list[Problem]:
         """Enrol catalogue rows with their (N, D) embeddings and image SHA-256s; return what was skipped or changed.

@@ -29,7 +29,15 @@ from typing import Any, NamedTuple
 import pandas as pd
 from PIL import Image
 
-from reid.catalogue import BBOX_COLUMNS, COLUMN_NAMES, DEFAULT_ENCOUNTER_GAP_S, assign_encounters, build_catalogue
+from reid.catalogue import (
+    BBOX_COLUMNS,
+    COLUMN_NAMES,
+    DEFAULT_ENCOUNTER_GAP_S,
+    assign_encounters,
+    build_catalogue,
+    load_catalogue,
+    validate,
+)
 from reid.errors import CatalogueError, Problem, quoting_hint
 from reid.images import ImageReadError, image_size
 
@@ -973,3 +981,23 @@ def _station_and_time(
     date = "-".join(re.findall(r"\d+", groups["date"]))
     time = ":".join(re.findall(r"\d+", groups.get("time") or ""))
     return station, _lenient_timestamp(f"{date} {time}".strip(), complain)
+
+
+Source = ImportResult | pd.DataFrame | str | Path
+"""What an entry point's `data.source` gives: an importer's result, a catalogue table or a catalogue CSV path."""
+
+
+def load_source(source: Source) -> tuple[pd.DataFrame, list[Problem]]:
+    """Return (catalogue, problems) from an importer's result, a catalogue table or a catalogue CSV path.
+
+    This is how every entry point turns its configured `data.source` into a catalogue.
+    """
+    if isinstance(source, ImportResult):
+        return source.table, list(source.problems)
+    if isinstance(source, pd.DataFrame):
+        return validate(source, source="input table"), []
+    if isinstance(source, str | Path):
+        return load_catalogue(source), []
+    raise CatalogueError(
+        f"expected an import result, a catalogue table or a catalogue path, got {type(source).__name__}"
+    )

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from reid.catalogue import SEARCHED_SIDES, SIDES
 from reid.errors import ReidError
 from reid.index import EmbeddingIndex
 
@@ -149,7 +150,7 @@ def evaluate_retrieval(
     top_scores = np.full((len(query_table), depth), np.nan, dtype=np.float32)
     for side in np.unique(query_sides):
         queries = np.flatnonzero(query_sides == side)
-        allowed = np.flatnonzero((gallery_sides == side) | (gallery_sides == "unknown") | (side == "unknown"))
+        allowed = np.flatnonzero(np.isin(gallery_sides, SEARCHED_SIDES.get(side, SIDES)))
         if len(allowed) == 0:
             continue
         index = EmbeddingIndex(gallery_embeddings.shape[1])

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import pickle
 from collections.abc import Mapping, Sequence
@@ -38,6 +39,8 @@ from reid.errors import Problem, ReidError
 from reid.files import atomic_write
 from reid.images import ImageReadError, read_image
 from reid.transforms import eval_transform, image_hw
+
+log = logging.getLogger(__name__)
 
 EXPORT_FORMAT = "leopard-reid-embedder/1"
 WEIGHTS_FILE = "weights.safetensors"
@@ -478,3 +481,38 @@ def _triple(values: Any) -> tuple[float, float, float]:
     if len(values) != 3:
         raise ReidError(f"mean and std need 3 values (R, G, B), got {values}")
     return (values[0], values[1], values[2])
+
+
+UNTRAINED = "untrained"
+"""The `embedder=` value that asks for an untrained ResNet-18 on purpose (demos and smoke tests only)."""
+
+
+def find_embedder(
+    path: str | Path | None, train_runs: str | Path, scratch_dir: str | Path, *, fallback_untrained: bool = False
+) -> Embedder:
+    """Return the embedder at `path`, else the newest exported under `train_runs`.
+
+    `path` = "untrained" gives an untrained ResNet-18 (exported into `scratch_dir`),
+    whose matches are little better than chance: only for demos and smoke tests.
+    Without a path and without a trained embedder this is refused, saying how to
+    train one (a gallery built with an untrained network is useless), unless
+    `fallback_untrained` (the demos) asks for the untrained one.
+    """
+    if path and str(path) != UNTRAINED:
+        return load_embedder(path)
+    if not path:
+        exported = sorted(Path(train_runs).glob(f"*/embedder/{CONFIG_FILE}"), key=lambda p: p.stat().st_mtime)
+        if not exported and not fallback_untrained:
+            raise ReidError(
+                f"no trained embedder under {train_runs}: run `python train.py` first, or set "
+                f"embedder=/path/to/embedder (embedder={UNTRAINED} tries the pipeline with an untrained network)"
+            )
+        if exported:
+            log.info("using the newest trained embedder: %s", exported[-1].parent)
+            return load_embedder(exported[-1].parent)
+    log.warning("embedder=%s: an UNTRAINED ResNet-18, whose matches are little better than chance", UNTRAINED)
+    torch.manual_seed(0)
+    folder = export_embedder(
+        create_embedder("resnet18", 128, img_size=128, crop_margin=0.05), Path(scratch_dir) / "embedder"
+    )
+    return load_embedder(folder)

@@ -34,7 +34,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 from tqdm import tqdm
 
-from reid.catalogue import BBOX_COLUMNS, load_catalogue, validate
+from reid.catalogue import BBOX_COLUMNS
 from reid.errors import Problem, ReidError, log, report
 from reid.files import atomic_write
 from reid.images import ImageReadError
@@ -67,23 +67,6 @@ class SplitSettings:
     unseen_fraction: float = 0.3
     query_fraction: float = 0.5
     seed: int = 0
-
-
-def as_catalogue(source: Any) -> pd.DataFrame:
-    """Return a validated catalogue table from an importer's result, a table, or a catalogue CSV path.
-
-    Problems an importer met are logged (the rows it could import are kept).
-    """
-    if hasattr(source, "table") and hasattr(source, "problems"):
-        report(source.problems, what="importing the training data")
-        source = source.table
-    if isinstance(source, pd.DataFrame):
-        return validate(source, source="training data")
-    if isinstance(source, str | Path):
-        return load_catalogue(source)
-    raise ReidError(
-        f"training data must be a catalogue table, an import result or a catalogue path, got {type(source)}"
-    )
 
 
 def identity_names(table: pd.DataFrame, identity: Identity = "individual_side") -> pd.Series:

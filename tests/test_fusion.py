@@ -102,7 +102,6 @@ def test_shortlist_as_large_as_the_gallery_ranks_like_the_matcher_alone(flank_ca
     scorer = FusedScorer(
         ScoreFusion("keypoints", shortlist=n),
         embeddings[query_rows],
-        gallery.embeddings,
         query_features,
         gallery_features,
         config,

@@ -7,6 +7,7 @@ import json
 import shutil
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -15,12 +16,15 @@ import pytest
 import torch
 from PIL import Image
 
-from reid import analysis
 from reid.catalogue import build_catalogue
+from reid.decisions import Thresholds
+from reid.evidence import EVIDENCE_DIR
 from reid.fusion import ScoreFusion
 from reid.gallery import Gallery, GalleryError
 from reid.keypoints import KeypointConfig
 from reid.models import create_embedder, export_embedder, load_embedder
+from reid.workflows import build_gallery, calibrate_gallery, match
+from reid.workflows.calibrate import CalibrationSettings
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,7 +54,7 @@ def _table(folder: Path, plan: list[tuple[str, str, str, str, str, int]]) -> pd.
             stamp = pd.Timestamp(time, tz="UTC") + pd.Timedelta(seconds=2 * f)
             rows.append(
                 dict(
-                    image_path=_capture(folder, f"{encounter}_{f}", coat, f + hash(folder.name) % 97),
+                    image_path=_capture(folder, f"{encounter}_{f}", coat, f + zlib.crc32(folder.name.encode()) % 97),
                     individual_id=individual,
                     side=side,
                     encounter_id=encounter,
@@ -101,26 +105,26 @@ def test_end_to_end_decisions_and_counts_match_the_truth(tmp_path: Path, embedde
     queries = _table(tmp_path / "query_images", query_plan)
     labelled = _table(tmp_path / "calibration_images", calibration_plan)
 
-    gallery, problems = analysis.build_gallery(
+    gallery, problems = build_gallery(
         reference, embedder, tmp_path / "gallery", keypoints=KeypointConfig(), progress=False
     )
     assert problems == [] and len(gallery) == 12
-    thresholds, _, _ = analysis.calibrate_gallery(
+    thresholds, _, _ = calibrate_gallery(
         gallery,
         tmp_path / "gallery",
         labelled=labelled,
         embedder=embedder,
-        scoring=ScoreFusion(method, shortlist=8),  # type: ignore[arg-type]
+        fusion=ScoreFusion(method, shortlist=8),  # type: ignore[arg-type]
+        settings=CalibrationSettings(max_false_merge=0.0),
         progress=False,
-        max_false_merge=0.0,
     )
     stored = Gallery.load(tmp_path / "gallery")
-    assert analysis.thresholds_of(stored) == thresholds
-    assert analysis.scoring_of(stored).method == method and analysis.scoring_of(stored).calibrated
+    assert stored.thresholds == thresholds
+    assert stored.fusion.method == method and stored.fusion.calibrated
 
     truth_queries = queries.copy()
     queries["individual_id"] = pd.array([pd.NA] * len(queries), dtype="string")  # what an analyst brings
-    result, outcome = analysis.match(queries, embedder, gallery, thresholds, tmp_path / "run", progress=False)
+    result, outcome = match(queries, embedder, gallery, tmp_path / "run", thresholds=thresholds, progress=False)
     by_encounter = result.decisions.groupby("encounter_id").first()
     assert by_encounter.loc[["q1", "q2", "q3"], "assigned_id"].tolist() == ["KZ-A", "KZ-B", "KZ-C"]
     assert (by_encounter.loc[["q1", "q2", "q3"], "decision"] == "known").all()
@@ -145,14 +149,14 @@ def test_end_to_end_decisions_and_counts_match_the_truth(tmp_path: Path, embedde
 
 def test_unreadable_queries_are_listed_and_the_run_finishes(tmp_path: Path, embedder) -> None:
     reference = _table(tmp_path / "g", [("KZ-A", "left", "g1", "S1", "2021-01-01", 2)])
-    gallery, _ = analysis.build_gallery(reference, embedder, tmp_path / "gallery", progress=False)
+    gallery, _ = build_gallery(reference, embedder, tmp_path / "gallery", progress=False)
     queries = _table(tmp_path / "q", [("KZ-A", "left", "q1", "S1", "2021-05-01", 2)])
     broken = tmp_path / "q" / "broken.jpg"
     broken.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     extra, _ = build_catalogue([dict(image_path=str(broken), side="left")])
     queries = pd.concat([queries, extra], ignore_index=True)
-    thresholds = analysis.Thresholds(known=0.9, new=0.5)
-    result, outcome = analysis.match(queries, embedder, gallery, thresholds, tmp_path / "run", progress=False)
+    thresholds = Thresholds(known=0.9, new=0.5)
+    result, outcome = match(queries, embedder, gallery, tmp_path / "run", thresholds=thresholds, progress=False)
     row = result.decisions.set_index("query").loc[extra["annotation_id"][0]]
     assert row["decision"] == "unreadable" and "truncated or corrupt" in row["reason"]
     assert "broken.jpg" in outcome.files["report"].read_text()
@@ -160,20 +164,20 @@ def test_unreadable_queries_are_listed_and_the_run_finishes(tmp_path: Path, embe
 
 def test_gallery_of_another_embedder_is_refused_naming_both(tmp_path: Path, embedder) -> None:
     reference = _table(tmp_path / "g", [("KZ-A", "left", "g1", "S1", "2021-01-01", 1)])
-    gallery, _ = analysis.build_gallery(reference, embedder, tmp_path / "gallery", progress=False)
+    gallery, _ = build_gallery(reference, embedder, tmp_path / "gallery", progress=False)
     torch.manual_seed(1)
     other = create_embedder("resnet18", 64, img_size=64)
     with pytest.raises(GalleryError, match=r"built with embedder [0-9a-f]{12}.*in use is [0-9a-f]{12}"):
-        analysis.build_gallery(reference, other, tmp_path / "gallery", progress=False)
+        build_gallery(reference, other, tmp_path / "gallery", progress=False)
     with pytest.raises(GalleryError):
-        analysis.match(reference, other, gallery, analysis.Thresholds(0.9, 0.5), tmp_path / "run", progress=False)
+        match(reference, other, gallery, tmp_path / "run", thresholds=Thresholds(0.9, 0.5), progress=False)
 
 
 def test_enrolling_again_adds_nothing_twice(tmp_path: Path, embedder) -> None:
     reference = _table(tmp_path / "g", [("KZ-A", "left", "g1", "S1", "2021-01-01", 2)])
-    analysis.build_gallery(reference, embedder, tmp_path / "gallery", progress=False)
+    build_gallery(reference, embedder, tmp_path / "gallery", progress=False)
     more = _table(tmp_path / "g2", [("KZ-B", "right", "g2", "S1", "2021-01-02", 1)])
-    gallery, problems = analysis.build_gallery(
+    gallery, problems = build_gallery(
         pd.concat([reference, more]), embedder, tmp_path / "gallery", progress=False
     )
     assert len(gallery) == 3
@@ -192,22 +196,22 @@ def test_report_opens_offline_in_chromium_with_every_image(tmp_path: Path, embed
     reference = _table(
         tmp_path / "g", [("KZ-A", "left", "g1", "S1", "2021-01-01", 2), ("KZ-B", "right", "g2", "S1", "2021-01-02", 2)]
     )
-    gallery, _ = analysis.build_gallery(
+    gallery, _ = build_gallery(
         reference, embedder, tmp_path / "gallery", keypoints=KeypointConfig(), progress=False
     )
     queries = _table(
         tmp_path / "q", [("KZ-A", "left", "q1", "S1", "2021-05-01", 2), ("X", "right", "q2", "S1", "2021-05-02", 1)]
     )
-    _, outcome = analysis.match(
+    _, outcome = match(
         queries,
         embedder,
         gallery,
-        analysis.Thresholds(0.99, 0.5),
         tmp_path / "run",
-        scoring=ScoreFusion("keypoints"),
+        thresholds=Thresholds(0.99, 0.5),
+        fusion=ScoreFusion("keypoints"),
         progress=False,
     )
-    assert len(list((tmp_path / "run" / analysis.EVIDENCE_DIR).glob("*.jpg"))) == 2  # one per shown candidate
+    assert len(list((tmp_path / "run" / EVIDENCE_DIR).glob("*.jpg"))) == 2  # one per shown candidate
     page = outcome.files["report"]
     # A copy of the page with a probe that records, after load, how many images it has and which failed.
     probe = (

@@ -9,24 +9,18 @@ import pandas as pd
 import pytest
 import torch
 
-from reid import analysis
+from reid.aliases import CONFIRM_COLUMN, confirm_aliases, load_aliases, merged_catalogue, merged_counts
 from reid.catalogue import build_catalogue, load_catalogue
 from reid.census import count_individuals
 from reid.errors import ReidError
+from reid.evidence import EVIDENCE_DIR
 from reid.fusion import ScoreFusion
+from reid.gallery import Gallery
 from reid.keypoints import KeypointConfig
-from reid.merging import (
-    CONFIRM_COLUMN,
-    confirm_aliases,
-    find_shared_individuals,
-    load_aliases,
-    merged_catalogue,
-    merged_counts,
-    partner_gallery,
-)
-from reid.models import create_embedder, export_embedder, load_embedder
+from reid.models import create_embedder, export_embedder, load_embedder, model_fingerprint
 from reid.sharing import export_catalogue, import_catalogue
 from reid.synthetic import SyntheticConfig, country_catalogues, generate, load_individuals
+from reid.workflows import build_gallery, calibrate_gallery, find_shared_individuals, partner_gallery
 
 POPULATION = SyntheticConfig(
     n_individuals=14,
@@ -57,11 +51,11 @@ def world(tmp_path_factory: pytest.TempPathFactory):
     galleries = {}
     for country, catalogue in catalogues.items():
         folder = root / f"gallery-{country}"
-        gallery, problems = analysis.build_gallery(
+        gallery, problems = build_gallery(
             catalogue, embedder, folder, keypoints=KeypointConfig(), progress=False
         )
         assert not [p for p in problems if "already" not in p.message]
-        analysis.calibrate_gallery(gallery, folder, scoring=ScoreFusion("fused", 500), progress=False)
+        calibrate_gallery(gallery, folder, fusion=ScoreFusion("fused", 500), progress=False)
         galleries[country] = folder
     return {
         "root": root,
@@ -85,14 +79,14 @@ def test_shared_individuals_are_found_aliased_and_counted_once(world, tmp_path: 
         progress=False,
     )
     imported = import_catalogue(archive, tmp_path / "partners", progress=False)
-    local = analysis.Gallery.load(world["galleries"]["KZ"])
+    local = Gallery.load(world["galleries"]["KZ"])
     partner, pictures, problems = partner_gallery(imported, world["embedder"], progress=False)
     assert problems == []
     candidates, files, _ = find_shared_individuals(
         local, partner, pictures, tmp_path / "review", local_name="KZ", partner_name="TM", progress=False
     )
     assert files["report"].is_file() and files["candidates"].is_file()
-    assert len(list((tmp_path / "review" / analysis.EVIDENCE_DIR).glob("*.jpg"))) > 0
+    assert len(list((tmp_path / "review" / EVIDENCE_DIR).glob("*.jpg"))) > 0
 
     shared = truth[(truth["kz_id"] != "") & (truth["tm_id"] != "")]
     true_pairs = set(zip(shared["tm_id"], shared["kz_id"], strict=True))
@@ -123,7 +117,7 @@ def test_shared_individuals_are_found_aliased_and_counted_once(world, tmp_path: 
         aliases_path, reviewed, confirmed_by="A. Analyst", local_namespace="KZ", partner_namespace="TM"
     )
     assert len(skipped) == len(true_pairs)
-    assert set(analysis.Gallery.load(imported.folder).entries["individual_id"]) == set(
+    assert set(Gallery.load(imported.folder).entries["individual_id"]) == set(
         world["catalogues"]["TM"]["individual_id"]
     )
 
@@ -186,9 +180,9 @@ def test_partner_with_another_embedder_is_re_embedded_from_crops_or_refused(worl
     )
     imported = import_catalogue(with_crops, tmp_path / "a", progress=False)
     gallery, pictures, _ = partner_gallery(imported, other, keypoints=KeypointConfig(), progress=False)
-    assert gallery.embedder_fingerprint == analysis.model_fingerprint(other)
+    assert gallery.embedder_fingerprint == model_fingerprint(other)
     assert gallery.entries["individual_id"].tolist() == imported.gallery.entries["individual_id"].tolist()
-    assert len(pictures) == len(gallery) and analysis.gallery_keypoints(gallery) is not None
+    assert len(pictures) == len(gallery) and gallery.keypoints is not None
 
     bare = export_catalogue(
         world["galleries"]["TM"], tmp_path / "bare.tar.gz", organisation="TM team", namespace="TM", progress=False

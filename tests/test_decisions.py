@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 
-from reid.errors import ReidError
-from reid.matching import (
+from reid.decisions import (
+    DECISION_COLUMNS,
+    MATCH_COLUMNS,
     Thresholds,
     calibrate,
+    decide,
     group_new_individuals,
     individual_scores,
     pool_encounter,
 )
+from reid.errors import ReidError
 
 
 def test_individual_score_is_the_best_of_its_entries() -> None:
@@ -62,13 +66,61 @@ def test_separable_scores_need_no_review_and_overlapping_ones_all_go_to_review()
     assert (t.false_new_rate, t.false_merge_rate, t.review_rate) == (0.0, 0.0, 1.0)
 
 
-def test_thresholds_round_trip(tmp_path) -> None:
+def test_thresholds_round_trip_through_json() -> None:
     t = Thresholds(known=0.8, new=0.5, false_new_rate=0.1, false_merge_rate=0.02, review_rate=0.3, n_known_queries=5)
-    t.save(tmp_path / "t.json")
-    assert Thresholds.load(tmp_path / "t.json") == t
-    (tmp_path / "bad.json").write_text("{")
+    assert Thresholds.from_json(t.to_json()) == t
     with pytest.raises(ReidError, match="run calibration again"):
-        Thresholds.load(tmp_path / "bad.json")
+        Thresholds.from_json("{")
+
+
+def _queries(encounters: list[str], sides: list[str]) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "annotation_id": [f"q{i}" for i in range(len(encounters))],
+            "image_path": [f"/cards/q{i}.jpg" for i in range(len(encounters))],
+            "side": sides,
+            "encounter_id": encounters,
+        }
+    )
+
+
+def test_decide_pools_an_encounter_and_ranks_individuals_from_scored_rows() -> None:
+    # Gallery rows: 0, 1 = A; 2 = B; 3 = C. Candidates arrive unsorted; -1 marks a missing neighbour.
+    individuals = np.array(["A", "A", "B", "C"], dtype=object)
+    annotations = np.array(["g0", "g1", "g2", "g3"], dtype=object)
+    rows = np.array([[2, 0, 1], [1, 3, -1], [3, 2, 0]])
+    scores = np.array([[0.6, 0.9, 0.7], [0.8, 0.3, -np.inf], [0.2, 0.1, 0.15]])
+    queries = _queries(["e1", "e1", "e2"], ["left", "left", "right"])
+    result = decide(queries, scores, rows, individuals, annotations, Thresholds(known=0.8, new=0.4), top_n=2)
+    # e1: query 0 has A 0.9, B 0.6; query 1 has A 0.8, C 0.3 (floor 0.3 for B, floor 0.6 for C in query 0).
+    # Pooled: A 0.85, B (0.6 + 0.3) / 2 = 0.45, C (0.6 + 0.3) / 2 = 0.45. e2: C 0.2, A 0.15, B 0.1 -> new.
+    decisions = result.decisions.set_index("query")
+    assert decisions.loc["q0", "decision"] == "known" and decisions.loc["q0", "assigned_id"] == "A"
+    assert decisions.loc["q1", "top_score"] == pytest.approx(0.85)
+    assert decisions.loc["q2", "decision"] == "new" and decisions.loc["q2", "assigned_id"] == "NEW-0001"
+    first = result.matches[result.matches["query"] == "q0"]
+    assert first["individual_id"].tolist() == ["A", "B"]  # B before C: equal scores break by name
+    assert first["gallery_annotation"].tolist() == ["g0", "g2"]  # the picture behind each candidate's best score
+    assert list(result.matches.columns) == list(MATCH_COLUMNS)
+    assert list(result.decisions.columns) == list(DECISION_COLUMNS)
+    assert str(result.matches["rank"].dtype) == "Int64"
+
+
+def test_decide_groups_new_encounters_with_the_similarity_it_is_given() -> None:
+    queries = _queries(["e1", "e2", "e3"], ["left", "left", "right"])
+    empty_rows = np.full((3, 1), -1)
+    empty_scores = np.full((3, 1), -np.inf)
+    same = {(0, 1), (1, 0), (0, 2), (2, 0)}  # e3 "matches" e1, but it is the other flank: never grouped
+
+    def similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return np.array([[0.95 if (i, j) in same or i == j else 0.0 for j in b] for i in a])
+
+    thresholds = Thresholds(known=0.9, new=0.5)
+    args = (queries, empty_scores, empty_rows, np.array([], dtype=object), np.array([], dtype=object), thresholds)
+    grouped = decide(*args, similarity=similarity).decisions["assigned_id"].tolist()
+    assert grouped[0] == grouped[1] != grouped[2]
+    alone = decide(*args).decisions["assigned_id"].tolist()
+    assert len(set(alone)) == 3
 
 
 def test_new_captures_group_when_they_would_match_each_other() -> None:

@@ -1,29 +1,77 @@
-"""From gallery neighbours to decisions: per-individual scores, encounter pooling,
-calibrated known / review / new thresholds, and provisional new individuals.
+"""Decisions from scores: per-individual scores, encounter pooling, calibrated thresholds, provisional new IDs.
 
-Everything here works on plain arrays and tables of scores, whatever produced
-them (embedding cosine similarity, keypoint matches or a fused probability), so
-the same logic serves every matcher.
+Everything here is pure: it takes already scored arrays and tables and returns
+decisions, so a notebook or a test can call it without a gallery, a model or a file.
+The workflow that searches and re-scores lives in `reid.workflows.match`.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
-from pathlib import Path
+from enum import StrEnum
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.spatial.distance import squareform
 
+from reid.catalogue import COLUMN_NAMES
 from reid.errors import ReidError
-from reid.files import atomic_write
-from reid.fusion import FusedScorer, ScoreFusion
-from reid.gallery import Gallery
 
-KNOWN, REVIEW, NEW = "known", "review", "new"
+
+class Decision(StrEnum):
+    """What the software says about one capture (or one encounter)."""
+
+    KNOWN = "known"
+    """A known individual: the top candidate scored at least the `known` threshold."""
+    REVIEW = "review"
+    """A person must look: the top score lies between the thresholds."""
+    NEW = "new"
+    """No known individual is close: a provisional new individual."""
+    UNREADABLE = "unreadable"
+    """The picture could not be read; the reason is given."""
+
+
+KNOWN, REVIEW, NEW, UNREADABLE = Decision.KNOWN, Decision.REVIEW, Decision.NEW, Decision.UNREADABLE
+
+MATCH_COLUMNS: Mapping[str, str] = {
+    "query": "string",
+    "image_path": "string",
+    "rank": "Int64",
+    "individual_id": "string",
+    "score": "float64",
+    "query_score": "float64",
+    "decision": "string",
+    "gallery_row": "Int64",
+    "gallery_annotation": "string",
+    "reason": "string",
+}
+"""matches.csv: one row per query and candidate rank (unreadable queries: one row with the reason)."""
+
+DECISION_COLUMNS: Mapping[str, str] = {
+    "query": "string",
+    "image_path": "string",
+    "side": "string",
+    "sides_searched": "string",
+    "encounter_id": "string",
+    "n_in_encounter": "Int64",
+    "decision": "string",
+    "assigned_id": "string",
+    "top_individual": "string",
+    "top_score": "float64",
+    "reason": "string",
+}
+"""decisions.csv: one row per query capture; the decision and assigned ID are its encounter's."""
+
+
+def typed_table(rows: list[dict[str, Any]] | pd.DataFrame, columns: Mapping[str, str]) -> pd.DataFrame:
+    """Return the rows as a table with exactly `columns` (name -> pandas dtype); absent columns are missing values."""
+    table = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(rows)
+    table = table.reindex(columns=list(columns))
+    return table.astype(dict(columns))
 
 
 @dataclass(frozen=True)
@@ -50,19 +98,17 @@ class Thresholds:
         scores = np.asarray(scores, dtype=float)
         return np.where(scores >= self.known, KNOWN, np.where(scores < self.new, NEW, REVIEW))
 
-    def save(self, path: str | Path) -> None:
-        """Write the thresholds and their error rates as JSON, atomically."""
-        with atomic_write(path) as f:
-            json.dump(asdict(self), f, indent=2)
+    def to_json(self) -> str:
+        """Return the thresholds and their error rates as JSON (stored with the gallery)."""
+        return json.dumps(asdict(self), indent=2)
 
     @classmethod
-    def load(cls, path: str | Path) -> Thresholds:
-        """Read thresholds written by `save`."""
+    def from_json(cls, text: str | bytes) -> Thresholds:
+        """Read thresholds written by `to_json`."""
         try:
-            data = json.loads(Path(path).read_text())
-            return cls(**data)
-        except (OSError, ValueError, TypeError) as err:
-            raise ReidError(f"{path}: not a thresholds file ({err}); run calibration again") from err
+            return cls(**json.loads(text))
+        except (ValueError, TypeError) as err:
+            raise ReidError(f"not a thresholds file ({err}); run calibration again") from err
 
 
 def individual_scores(neighbour_scores: np.ndarray, neighbour_individuals: np.ndarray) -> list[dict[str, float]]:
@@ -182,52 +228,52 @@ class MatchResult:
     """Ranked candidates and decisions for a set of query captures."""
 
     matches: pd.DataFrame
-    """One row per query and rank: query, rank, individual_id, score, decision, ..."""
+    """One row per query and rank (`MATCH_COLUMNS`)."""
     decisions: pd.DataFrame
-    """One row per query: encounter, decision, assigned_id (known ID or provisional new ID), top score."""
+    """One row per query (`DECISION_COLUMNS`): encounter, decision, assigned_id (known or provisional new ID)."""
 
 
-def match_captures(
-    gallery: Gallery,
+Similarity = Callable[[np.ndarray, np.ndarray], np.ndarray]
+"""similarity(a, b): the (len(a), len(b)) scores between query captures a and b (indices into the queries),
+on the scale of the thresholds."""
+
+
+def decide(
     queries: pd.DataFrame,
-    embeddings: np.ndarray,
+    scores: np.ndarray,
+    rows: np.ndarray,
+    entry_individuals: np.ndarray,
+    entry_annotations: np.ndarray,
     thresholds: Thresholds,
     *,
-    k: int = 50,
     top_n: int = 5,
     new_prefix: str = "NEW",
-    scorer: FusedScorer | None = None,
-    exclude: Callable[[np.ndarray], np.ndarray] | None = None,
+    similarity: Similarity | None = None,
 ) -> MatchResult:
     """Return ranked candidate individuals and a known / review / new decision for every query row.
 
-    Queries are searched against gallery entries of the same side (both sides when
-    the side is unknown). `scorer` turns the embedding neighbours into final
-    scores (by default the cosine similarity of the `k` nearest; with keypoints,
-    its shortlist re-scored). Queries of one encounter are the same animal: their
-    per-individual scores are pooled and they get one decision. Encounters decided
-    "new" are grouped into provisional individuals `<new_prefix>-0001`, ... by the
-    same threshold that makes a match "known". `exclude` maps the (Q, k) gallery rows
-    found to a mask of rows each query must not see (calibration leaves a query's own
-    encounter or individual out of the gallery this way).
+    `scores` and `rows` are (Q, K): each query's scored gallery entries (row -1 or a
+    non-finite score where there is none), in any order; `entry_individuals` and
+    `entry_annotations` give each gallery row's individual and annotation. The
+    queries table has `annotation_id`, `image_path`, `side` and `encounter_id`.
+    Queries of one encounter are the same animal: their per-individual scores are
+    pooled and they get one decision. Encounters decided "new" are grouped into
+    provisional individuals `<new_prefix>-0001`, ... where `similarity` says two
+    of them would match each other as known; without it each is its own.
     """
-    if len(queries) != len(embeddings):
-        raise ReidError(f"{len(queries)} queries but {len(embeddings)} embeddings")
+    if len(queries) != len(scores) or scores.shape != rows.shape:
+        raise ReidError(f"{len(queries)} queries but scores {scores.shape} and rows {rows.shape}")
     queries = queries.reset_index(drop=True)
-    scorer = scorer or FusedScorer(ScoreFusion(), embeddings, gallery.embeddings)
-    sides = queries["side"].fillna("unknown").to_numpy(dtype=object)
-    cosine, rows = gallery.search(embeddings, sides, scorer.depth if scorer.fusion.uses_keypoints else k)
-    if exclude is not None:
-        rows = np.where((rows >= 0) & exclude(rows), -1, rows)
-    scores = scorer.rescore(cosine, rows)
-    # Re-scored candidates are re-ranked; equal scores keep the embedding's order.
+    # Re-scored candidates are re-ranked; equal scores keep the order they came in.
     order = np.argsort(-scores, axis=1, kind="stable")
     scores, rows = np.take_along_axis(scores, order, axis=1), np.take_along_axis(rows, order, axis=1)
     rows = np.where(np.isfinite(scores), rows, -1)
-    gallery_ids = gallery.entries["individual_id"].fillna("").to_numpy(dtype=object)
-    neighbour_ids = np.where(rows >= 0, gallery_ids[np.clip(rows, 0, None)], "")
+    # Row -1 (no neighbour) picks the appended "", which names no individual.
+    padded = np.append(np.asarray(pd.Series(entry_individuals, dtype="string").fillna(""), dtype=object), "")
+    neighbour_ids = padded[rows]
     per_query = individual_scores(scores, neighbour_ids)
     best_rows = _best_entries(scores, rows, neighbour_ids)
+    sides = queries["side"].fillna("unknown").to_numpy(dtype=object)
     encounters = queries["encounter_id"].fillna("query:" + queries["annotation_id"]).to_numpy(dtype=object)
 
     decision_rows, match_rows = [], []
@@ -236,8 +282,8 @@ def match_captures(
     pooled = {e: pool_encounter([per_query[i] for i in members[e]]) for e in encounter_order}
     top = {e: max(p.values()) if p else -np.inf for e, p in pooled.items()}
     decided = dict(zip(encounter_order, thresholds.decide(np.array([top[e] for e in encounter_order])), strict=True))
-    new_ids = _provisional_ids(
-        [e for e in encounter_order if decided[e] == NEW], members, scorer, sides, thresholds, new_prefix
+    new_ids = provisional_ids(
+        [e for e in encounter_order if decided[e] == NEW], members, sides, thresholds.known, new_prefix, similarity
     )
 
     for e in encounter_order:
@@ -253,7 +299,7 @@ def match_captures(
                     "sides_searched": "same side" if q["side"] in ("left", "right") else "both (side unknown)",
                     "encounter_id": e,
                     "n_in_encounter": len(members[e]),
-                    "decision": decided[e],
+                    "decision": str(decided[e]),
                     "assigned_id": assigned,
                     "top_individual": ranked[0][0] if ranked else "",
                     "top_score": ranked[0][1] if ranked else float("nan"),
@@ -265,27 +311,30 @@ def match_captures(
                 match_rows.append(
                     {
                         "query": q["annotation_id"],
+                        "image_path": q["image_path"],
                         "rank": rank,
                         "individual_id": individual,
                         "score": score,
                         "query_score": per_query[i].get(individual, float("nan")),
-                        "decision": decided[e],
+                        "decision": str(decided[e]),
                         "gallery_row": entry,
-                        "gallery_annotation": gallery.entries["annotation_id"].iat[entry] if entry >= 0 else "",
+                        "gallery_annotation": entry_annotations[entry] if entry >= 0 else "",
                     }
                 )
-    columns = [
-        "query",
-        "rank",
-        "individual_id",
-        "score",
-        "query_score",
-        "decision",
-        "gallery_row",
-        "gallery_annotation",
-    ]
-    matches = pd.DataFrame(match_rows, columns=columns)
-    return MatchResult(matches=matches, decisions=pd.DataFrame(decision_rows))
+    return MatchResult(
+        matches=typed_table(match_rows, MATCH_COLUMNS), decisions=typed_table(decision_rows, DECISION_COLUMNS)
+    )
+
+
+def identified_captures(queries: pd.DataFrame, decisions: pd.DataFrame) -> pd.DataFrame:
+    """Return the query rows with `individual_id` set to their decided ID (known or provisional new); others dropped."""
+    decided = decisions.set_index("query")
+    keep = decided["decision"].isin([KNOWN, NEW])
+    captures = queries[queries["annotation_id"].isin(decided.index[keep])].copy()
+    captures["individual_id"] = pd.array(
+        decided.loc[captures["annotation_id"], "assigned_id"].to_numpy(), dtype="string"
+    )
+    return captures[list(COLUMN_NAMES)]
 
 
 def _best_entries(scores: np.ndarray, rows: np.ndarray, individuals: np.ndarray) -> list[dict[str, tuple[float, int]]]:
@@ -300,31 +349,38 @@ def _best_entries(scores: np.ndarray, rows: np.ndarray, individuals: np.ndarray)
     return out
 
 
-def _provisional_ids(
+def provisional_ids(
     new_encounters: list[str],
-    members: dict[str, np.ndarray],
-    scorer: FusedScorer,
+    members: Mapping[str, np.ndarray],
     sides: np.ndarray,
-    thresholds: Thresholds,
+    threshold: float,
     prefix: str,
+    similarity: Similarity | None,
 ) -> dict[str, str]:
-    """Return a provisional individual ID per new encounter; encounters that would match each other share one."""
+    """Return a provisional individual ID per new encounter; encounters that would match each other share one.
+
+    Two encounters of different known sides never share one (a left and a right
+    flank cannot be matched). Without `similarity` every encounter is its own.
+    """
     if not new_encounters:
         return {}
     n = len(new_encounters)
-    similarity = np.full((n, n), -np.inf)
+    pairwise = np.full((n, n), -np.inf)
     for a in range(n):
         for b in range(a, n):
             ia, ib = members[new_encounters[a]], members[new_encounters[b]]
             side_a, side_b = set(sides[ia]) - {"unknown"}, set(sides[ib]) - {"unknown"}
-            if side_a and side_b and not side_a & side_b:
-                continue  # a left and a right flank cannot be matched to each other
-            pair = scorer.similarity(ia, ib)
+            if similarity is None or (side_a and side_b and not side_a & side_b):
+                continue
+            pair = similarity(ia, ib)
             # The gallery's score logic: each capture's best match in the other encounter, averaged.
-            similarity[a, b] = similarity[b, a] = (pair.max(axis=1).mean() + pair.max(axis=0).mean()) / 2
-    finite = np.isfinite(similarity)
-    # Far below any score, so no average that includes a cannot-link pair reaches the threshold.
-    floor = (similarity[finite].min() if finite.any() else 0.0) - 1e6
-    labels = group_new_individuals(np.where(finite, similarity, floor), thresholds.known)
-    order = {label: k for k, label in enumerate(dict.fromkeys(labels))}
-    return {e: f"{prefix}-{order[label] + 1:04d}" for e, label in zip(new_encounters, labels, strict=True)}
+            pairwise[a, b] = pairwise[b, a] = (pair.max(axis=1).mean() + pair.max(axis=0).mean()) / 2
+    if similarity is None:
+        labels = np.arange(n)
+    else:
+        finite = np.isfinite(pairwise)
+        # Far below any score, so no average that includes a cannot-link pair reaches the threshold.
+        floor = (pairwise[finite].min() if finite.any() else 0.0) - 1e6
+        labels = group_new_individuals(np.where(finite, pairwise, floor), threshold)
+    order = {label: k for k, label in enumerate(dict.fromkeys(labels.tolist()))}
+    return {e: f"{prefix}-{order[label] + 1:04d}" for e, label in zip(new_encounters, labels.tolist(), strict=True)}
