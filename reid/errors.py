@@ -46,6 +46,10 @@ def report(problems: Iterable[Problem], *, what: str, max_lines: int = 20) -> No
         log.warning("... and %d more problems while %s", len(problems) - max_lines, what)
 
 
+# Settings whose names say they hold a path: their message shows how to quote one.
+_PATH_WORDS = ("path", "dir", "root", "file", "folder", "gallery", "archive", "embedder", "partner", "aliases")
+
+
 def run_and_report(run: Callable[[], tuple[Mapping[str, Any], list[Problem]]], *, what: str) -> None:
     """Run an entry point's step: log its problems and print the files it wrote; exit 1 with the message on bad input.
 
@@ -90,10 +94,10 @@ def missing_setting_message(err: BaseException) -> str:
     if not key:
         first_line = str(err).splitlines()[0] if str(err) else ""
         key = first_line.rpartition(":")[2].strip() or "?"
-    return (
-        f"setting {key} is required: set it on the command line, e.g. {key}=... "
-        f"(a path with spaces or non-ASCII letters in quotes: '{key}=\"/path/to/my data\"')"
-    )
+    message = f"setting {key} is required: set it on the command line, e.g. {key}=..."
+    if any(word in key.rsplit(".", 1)[-1] for word in _PATH_WORDS):
+        message += f" (a path with spaces or non-ASCII letters in quotes: '{key}=\"/path/to/my data\"')"
+    return message
 
 
 def quoting_hint(path: str | Path) -> str:

@@ -51,7 +51,11 @@ def test_an_unset_mandatory_setting_names_the_setting_and_how_to_set_it(caplog: 
     assert message.startswith(
         "setting data.source.path is required: set it on the command line, e.g. data.source.path="
     )
-    assert "\n" not in message
+    assert "'data.source.path=\"/path/to/my data\"'" in message and "\n" not in message
+    caplog.clear()
+    share = OmegaConf.create({"namespace": "???"})
+    message = _exit_message(lambda: share.namespace, caplog)
+    assert message == "setting namespace is required: set it on the command line, e.g. namespace=..."
 
 
 def test_a_bug_keeps_its_traceback() -> None:
