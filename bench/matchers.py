@@ -55,6 +55,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--k", type=int, default=4, help="LNBNN neighbours that vote")
     parser.add_argument("--index-kind", default="flat", choices=["flat", "ivf", "hnsw"], help="LNBNN's FAISS index")
+    parser.add_argument("--lnbnn-distance", default="euclidean", choices=["euclidean", "squared"])
     parser.add_argument("--max-features", type=int, default=1024, help="keypoints per crop for the learned matchers")
     parser.add_argument("--max-side-px", type=int, default=512, help="learned matchers shrink crops to this")
     parser.add_argument("--rerank", help="re-rank this method's shortlist (e.g. xfeat-lnbnn) instead of all pairs")
@@ -84,13 +85,15 @@ def main() -> None:
     )
 
     rows = []
+    shortlists = None
+    if args.rerank:
+        first, cost = evaluate(args.rerank, table, allowed, queries, args)
+        rows.append({"method": args.rerank, **topk_accuracy(first, ids, queries), **cost})
+        shortlists = top_individuals(first, args.shortlist)
     for method in args.methods:
         start = time.perf_counter()
-        if args.rerank:
-            shortlist_scores, _ = evaluate(method=args.rerank, table=table, allowed=allowed, queries=queries, args=args)
-            scores, cost = evaluate(
-                method, table, allowed, queries, args, shortlist=top_individuals(shortlist_scores, args.shortlist)
-            )
+        if shortlists is not None:
+            scores, cost = evaluate(method, table, allowed, queries, args, shortlist=shortlists)
             label = f"{method} re-ranking {args.rerank} top-{args.shortlist}"
         else:
             scores, cost = evaluate(method, table, allowed, queries, args)
@@ -188,7 +191,13 @@ def evaluate(
             members = np.flatnonzero(sides == side)
             rankers[side] = (
                 members,
-                LnbnnRanker([features[i] for i in members], ids[members], k=args.k, index_kind=args.index_kind),
+                LnbnnRanker(
+                    [features[i] for i in members],
+                    ids[members],
+                    k=args.k,
+                    index_kind=args.index_kind,
+                    distance=args.lnbnn_distance,
+                ),
             )
         build_s = time.perf_counter() - start
         start = time.perf_counter()

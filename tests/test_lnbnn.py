@@ -18,7 +18,7 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def _brute_force(query, gallery, owners, k, excluded=()):
+def _brute_force(query, gallery, owners, k, excluded=(), squared=False):
     """Return {individual: score}: every query descriptor against every allowed gallery descriptor, plain loops."""
     rows, who = [], []
     for i, item in enumerate(gallery):
@@ -29,7 +29,7 @@ def _brute_force(query, gallery, owners, k, excluded=()):
     bank = np.concatenate(rows)
     scores: dict[str, float] = {}
     for q in _unit(query.descriptors.astype(np.float64)):
-        distances = np.linalg.norm(bank - q, axis=1)
+        distances = np.linalg.norm(bank - q, axis=1) ** (2 if squared else 1)
         order = np.argsort(distances, kind="stable")[: k + 1]
         if len(order) < k + 1:
             continue
@@ -42,14 +42,14 @@ def _brute_force(query, gallery, owners, k, excluded=()):
     return scores
 
 
-@pytest.mark.parametrize("k", [1, 4])
-def test_lnbnn_matches_a_brute_force_vote(k: int) -> None:
+@pytest.mark.parametrize(("k", "distance"), [(1, "euclidean"), (4, "euclidean"), (4, "squared")])
+def test_lnbnn_matches_a_brute_force_vote(k: int, distance: str) -> None:
     rng = np.random.default_rng(0)
     gallery = [_features(rng, int(rng.integers(5, 25)), 16) for _ in range(12)]
     owners = [f"ind-{i % 5}" for i in range(12)]
-    ranker = LnbnnRanker(gallery, owners, k=k)
+    ranker = LnbnnRanker(gallery, owners, k=k, distance=distance)  # type: ignore[arg-type]
     query = _features(rng, 30, 16)
-    expected = _brute_force(query, gallery, owners, k)
+    expected = _brute_force(query, gallery, owners, k, squared=distance == "squared")
     got = ranker.individual_scores(query)
     assert list(ranker.individuals) == sorted(set(owners))
     for name, score in zip(ranker.individuals, got, strict=True):

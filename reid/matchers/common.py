@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -67,7 +68,7 @@ def mutual_nn_inliers(
     return scores
 
 
-def load_state_dict(weights: str | Path, *, what: str, device: str) -> dict[str, torch.Tensor]:
+def load_state_dict(weights: str | Path, *, what: str, device: str) -> dict[str, Any]:
     """Return the tensors of a local weights file (no pickled code is run); raise ReidError if it cannot be read."""
     path = local_weights(weights, what=what)
     try:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -149,7 +149,9 @@ class AlikedLightGlueMatcher(LightGlueMatcher):
 
     def _build_extractor(self, package: Any) -> torch.nn.Module:
         # A non-positive threshold makes ALIKED keep its max_num_keypoints best points.
-        extractor = package.ALIKED(model_name=self.model, max_num_keypoints=self.max_features, detection_threshold=-1)
+        extractor: torch.nn.Module = package.ALIKED(
+            model_name=self.model, max_num_keypoints=self.max_features, detection_threshold=-1
+        )
         if self.weights is not None:
             extractor.load_state_dict(load_state_dict(self.weights, what="ALIKED", device="cpu"))
         return extractor
@@ -169,8 +171,9 @@ class DiskLightGlueMatcher(LightGlueMatcher):
         extractor = package.DISK(max_num_keypoints=self.max_features)
         if self.weights is not None:
             state = load_state_dict(self.weights, what="DISK", device="cpu")
+            # DISK's own checkpoints keep the network under "extractor".
             extractor.model.load_state_dict(state.get("extractor", state))
-        return extractor
+        return cast(torch.nn.Module, extractor)
 
 
 def _glue_input(features: LocalFeatures, device: str) -> dict[str, torch.Tensor]:

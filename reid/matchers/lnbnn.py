@@ -5,13 +5,15 @@ side, through reid.index) and votes for the individual of each of the first K wi
 weight d(K+1) - d(i): a descriptor whose neighbours are all about as near (a patch of
 background or a coat texture many animals share) gives little, a distinctive one gives
 much. Each query descriptor votes at most once per individual (its nearest neighbour of
-that individual). Distances are Euclidean between L2-normalised descriptors (0 to 2).
+that individual). Distances are Euclidean between L2-normalised descriptors (0 to 2),
+or their squares (0 to 4, `distance="squared"`, what an L2 FAISS index returns).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
@@ -80,18 +82,22 @@ class LnbnnRanker:
         *,
         k: int = 4,
         index_kind: IndexKind = "flat",
+        distance: Literal["euclidean", "squared"] = "euclidean",
     ) -> None:
         if len(individual_ids) != len(features) or (sides is not None and len(sides) != len(features)):
             raise ReidError(
                 f"LNBNN needs one individual id and side per gallery picture: {len(features)} features, "
                 f"{len(individual_ids)} ids, {len(sides) if sides is not None else 'no'} sides"
             )
+        if distance not in ("euclidean", "squared"):
+            raise ReidError(f"LNBNN distance {distance!r} is not one of euclidean, squared")
         if int(k) < 1:
             raise ReidError(f"LNBNN k must be at least 1 (HotSpotter uses 4), got {k}")
         dims = {f.dim for f in features}
         if len(dims) > 1:
             raise ReidError(f"LNBNN needs features of one matcher, got descriptor widths {sorted(dims)}")
         self.k = int(k)
+        self.distance = distance
         self.dim = dims.pop() if dims else 0
         self.individuals, self.picture_label = np.unique(
             np.asarray(individual_ids, dtype=object).astype(str), return_inverse=True
@@ -176,7 +182,9 @@ class LnbnnRanker:
             if lookahead is not None:
                 hidden = min(hidden, max(0, int(lookahead)))
             similarity, ids = group.index.search(descriptors, self.k + 1 + hidden)
-            distances = np.sqrt(np.maximum(2.0 - 2.0 * similarity.astype(np.float64), 0.0))
+            distances = np.maximum(2.0 - 2.0 * similarity.astype(np.float64), 0.0)
+            if self.distance == "euclidean":
+                distances = np.sqrt(distances)
             pictures = group.picture[np.maximum(ids, 0)]
             labels = np.where((ids >= 0) & ~excluded[pictures], label_of_picture[pictures], -1)
             best = np.maximum(best, lnbnn_votes(distances, labels, n_labels, self.k))
