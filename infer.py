@@ -12,6 +12,7 @@ Results go to outputs/infer/<date>_<time>/: matches.csv, decisions.csv, counts.j
 from __future__ import annotations
 
 import os
+import sys
 
 # Before albumentations is imported: it would ask PyPI for its latest version.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -26,7 +27,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from reid import workflows
-from reid.errors import ReidError
+from reid.errors import ReidError, command_line_problem
 from reid.models import Embedder, find_embedder
 from reid.workflows import Outcome, run_mode
 
@@ -105,4 +106,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    # Hydra's override parser fails on unquoted paths with spaces before any of our code runs.
+    if problem := command_line_problem(sys.argv[1:]):
+        sys.exit(f"error: {problem}")
     main()

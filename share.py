@@ -15,6 +15,7 @@ Results go to outputs/share/<date>_<time>/.
 from __future__ import annotations
 
 import os
+import sys
 
 # Before albumentations is imported: it would ask PyPI for its latest version.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -28,6 +29,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from reid import workflows
+from reid.errors import command_line_problem
 from reid.models import Embedder, find_embedder
 from reid.workflows import Outcome, run_mode
 
@@ -98,4 +100,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    # Hydra's override parser fails on unquoted paths with spaces before any of our code runs.
+    if problem := command_line_problem(sys.argv[1:]):
+        sys.exit(f"error: {problem}")
     main()

@@ -12,6 +12,7 @@ exported embedder/ that inference loads.
 from __future__ import annotations
 
 import os
+import sys
 
 # Before albumentations is imported: it would ask PyPI for its latest version.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -25,7 +26,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from reid.errors import report
+from reid.errors import command_line_problem, report
 from reid.importers import load_source
 from reid.training import fit_and_export
 
@@ -84,4 +85,7 @@ def wire(node: DictConfig, **values: Any) -> Any:
 
 
 if __name__ == "__main__":
+    # Hydra's override parser fails on unquoted paths with spaces before any of our code runs.
+    if problem := command_line_problem(sys.argv[1:]):
+        sys.exit(f"error: {problem}")
     main()

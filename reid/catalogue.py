@@ -73,11 +73,6 @@ _SIDE_ALIASES = {"l": "left", "r": "right", "": "unknown", "?": "unknown", "na":
 _SEX_ALIASES = {"f": "female", "m": "male", "": "unknown", "?": "unknown", "na": "unknown", "none": "unknown"}
 
 
-def empty_catalogue() -> pd.DataFrame:
-    """Return a catalogue table with no rows."""
-    return _typed(pd.DataFrame({name: [] for name in COLUMN_NAMES}))
-
-
 def build_catalogue(
     records: Iterable[Mapping[str, Any]] | pd.DataFrame, *, source: str = "", first_line: int | None = None
 ) -> tuple[pd.DataFrame, list[Problem]]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -80,7 +81,7 @@ def count_table(
     return table[[*by, *[c for c in table.columns if c not in by]]]
 
 
-def _bounds(captures: pd.DataFrame, extra: dict[str, set[str]], simultaneous_s: float) -> dict:
+def _bounds(captures: pd.DataFrame, extra: dict[str, set[str]], simultaneous_s: float) -> dict[str, Any]:
     evidence = _evidence(captures)
     sides = {i: set(e.sides) | extra.get(i, set()) for i, e in evidence.items()}
     both = sorted(i for i, s in sides.items() if {"left", "right"} <= s)

@@ -220,7 +220,7 @@ def group_new_individuals(similarity: np.ndarray, threshold: float) -> np.ndarra
     distance = np.clip(sim.max() - sim, 0, None)
     np.fill_diagonal(distance, 0)
     tree = linkage(squareform(distance, checks=False), method="average")
-    return fcluster(tree, t=sim.max() - threshold, criterion="distance") - 1
+    return np.asarray(fcluster(tree, t=sim.max() - threshold, criterion="distance")) - 1
 
 
 @dataclass

@@ -897,7 +897,7 @@ def _media_type(path: str) -> str:
 
 def _common_folder(paths: pd.Series) -> str:
     folders = [os.path.dirname(os.path.abspath(p)) for p in paths.unique()]
-    return os.path.commonpath(folders)
+    return str(os.path.commonpath(folders))
 
 
 def _ecef(lat: np.ndarray, lon: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

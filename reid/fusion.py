@@ -259,7 +259,7 @@ class FusedScorer:
 
     def similarity(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         """Return the (len(a), len(b)) final scores between query captures a and b (indices into the queries)."""
-        cosine = self.query_embeddings[a] @ self.query_embeddings[b].T
+        cosine = np.asarray(self.query_embeddings[a] @ self.query_embeddings[b].T)
         if not self.fusion.uses_keypoints:
             return cosine
         assert self.query_features is not None

@@ -284,9 +284,7 @@ class Gallery:
             if staging.exists():
                 shutil.rmtree(staging)
             staging.mkdir()
-            entries = self.entries.astype(object).where(self.entries.notna(), None)
-            entries["timestamp"] = [t.isoformat() if t is not None else None for t in entries["timestamp"]]
-            entries.to_csv(staging / ENTRIES_FILE, index=False)
+            (staging / ENTRIES_FILE).write_bytes(entries_to_csv(self.entries))
             with open(staging / EMBEDDINGS_FILE, "wb") as f:
                 np.save(f, np.ascontiguousarray(self.embeddings, dtype=np.float32), allow_pickle=False)
             for name, data in self.extra_files.items():
@@ -374,11 +372,10 @@ class Gallery:
                 f"{embedder_fingerprint[:12]}; use the embedder the gallery was built with, or rebuild the gallery "
                 "with this one (`python infer.py mode=build`)"
             )
-        raw = pd.read_csv(version_dir / ENTRIES_FILE, dtype=str, keep_default_na=False).replace("", None)
-        entries, problems = build_catalogue(raw, first_line=2)
+        raw = pd.read_csv(version_dir / ENTRIES_FILE, dtype=str, keep_default_na=False)
+        entries, problems = entries_from_table(raw)
         if problems:
             raise GalleryError(f"{version_dir / ENTRIES_FILE}: {problems[0]}; restore the gallery folder from a backup")
-        entries["content_hash"] = pd.Series(raw["content_hash"].tolist(), dtype="string")
         try:
             with open(version_dir / EMBEDDINGS_FILE, "rb") as f:
                 embeddings = np.load(f, allow_pickle=False)
@@ -478,11 +475,26 @@ def gallery_lock(folder: str | Path, *, wait_s: float = 0.0) -> Iterator[Path]:
             lock.unlink(missing_ok=True)
 
 
+def entries_to_csv(entries: pd.DataFrame) -> bytes:
+    """Return gallery entries (catalogue columns + content_hash) as the CSV bytes of entries.csv."""
+    out = entries.astype(object).where(entries.notna(), None)
+    out["timestamp"] = [t.isoformat() if t is not None else None for t in out["timestamp"]]
+    return out.to_csv(index=False).encode()
+
+
+def entries_from_table(raw: pd.DataFrame) -> tuple[pd.DataFrame, list[Problem]]:
+    """Return the typed gallery entries of an entries.csv read as strings, and its invalid rows (named by line)."""
+    entries, problems = build_catalogue(raw.replace("", None), first_line=2)
+    entries["content_hash"] = pd.Series(raw["content_hash"].tolist(), dtype="string")
+    return entries, problems
+
+
 def read_manifest(folder: str | Path) -> dict[str, Any]:
     """Return the current version's manifest (no verification)."""
     folder = Path(folder)
     version = (folder / CURRENT_FILE).read_text().strip()
-    return json.loads((folder / version / MANIFEST_FILE).read_text())
+    manifest: dict[str, Any] = json.loads((folder / version / MANIFEST_FILE).read_text())
+    return manifest
 
 
 def _entry_key(content_hash: str, row: pd.Series) -> str:

@@ -19,7 +19,7 @@ import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal, cast, get_args
 
 import cv2
 import numpy as np
@@ -518,7 +518,7 @@ def _detector(config: KeypointConfig) -> cv2.Feature2D:
             "or use method 'rootsift' or 'orb'"
         )
     # A lower threshold than AKAZE's 0.001 finds enough corners on smooth coats; the cap keeps the strongest.
-    return create(threshold=0.0005)
+    return cast(cv2.Feature2D, create(threshold=0.0005))
 
 
 def _extract(image: np.ndarray, config: KeypointConfig, detector: cv2.Feature2D) -> Features:

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
+from timm.data.config import resolve_model_data_config
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
@@ -182,7 +183,7 @@ def create_embedder(
         weights = load_backbone_weights(model, pretrained)
     else:
         raise ReidError(f"pretrained must be true, false, a hub name or a weights file, got {pretrained!r}")
-    data_config = timm.data.resolve_model_data_config(model)
+    data_config = resolve_model_data_config(model)  # type: ignore[no-untyped-call]  # timm leaves it untyped
     config = EmbedderConfig(
         backbone=_architecture(model, backbone),
         embedding_dim=int(embedding_dim),
@@ -374,7 +375,7 @@ def embed_images(
     return Embeddings(embeddings=embeddings.astype(np.float32, copy=False), ok=ok, problems=problems)
 
 
-class _CropDataset(Dataset):
+class _CropDataset(Dataset[tuple[torch.Tensor | None, int, ImageReadError | None]]):
     """Item i: (image tensor, i) or (None, ImageReadError) when the image cannot be read."""
 
     def __init__(self, table: pd.DataFrame, config: EmbedderConfig) -> None:

@@ -157,7 +157,7 @@ class _Thumbnails:
 
     def of(self, row: pd.Series, name: str) -> str:
         if name in self.done:
-            return self.done[name]
+            return str(self.done[name])
         box = row[list(BBOX_COLUMNS)].to_numpy(dtype=float)
         relative = f"{THUMB_DIR}/{name}.jpg"
         try:

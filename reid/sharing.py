@@ -31,7 +31,6 @@ overwritten or renumbered; a folder holding anything else is refused.
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import io
 import json
 import pickletools
@@ -53,11 +52,11 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
+import reid
 from reid.catalogue import (
     BBOX_COLUMNS,
     COLUMN_NAMES,
     SIDES,
-    build_catalogue,
     generalise_coordinates,
     load_catalogue,
     save_catalogue,
@@ -71,6 +70,8 @@ from reid.gallery import (
     LOCK_FILE,
     MANIFEST_FILE,
     Gallery,
+    entries_from_table,
+    entries_to_csv,
     gallery_lock,
 )
 from reid.gallery import SCHEMA_VERSION as GALLERY_SCHEMA_VERSION
@@ -169,7 +170,7 @@ def export_catalogue(
     else:
         entries, uncertainty_m = generalise_coordinates(entries, precision_deg)
         coordinates = {"generalised": True, "precision_deg": precision_deg, "uncertainty_m": uncertainty_m}
-    files = {ENTRIES_FILE: _entries_csv(entries), EMBEDDINGS_FILE: _npy(gallery.embeddings)}
+    files = {ENTRIES_FILE: entries_to_csv(entries), EMBEDDINGS_FILE: _npy(gallery.embeddings)}
     for name, data in sorted(gallery.extra_files.items()):
         member = f"{EXTRA_DIR}/{name}"
         problem = _name_problem(member) or _content_problem(member, data)
@@ -273,21 +274,11 @@ def load_imported(folder: str | Path) -> ImportedCatalogue:
 
 
 def software_version() -> str:
-    """Return the installed leopard-reid version, or "unknown" when it is run from an uninstalled tree."""
-    try:
-        return importlib.metadata.version("leopard-reid")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
+    """Return the installed leopard-reid version (recorded in every archive's manifest)."""
+    return reid.__version__
 
 
 # --- export -------------------------------------------------------------------------------------
-
-
-def _entries_csv(entries: pd.DataFrame) -> bytes:
-    # The same serialisation as Gallery.save, so rows read back identically.
-    out = entries.astype(object).where(entries.notna(), None)
-    out["timestamp"] = [t.isoformat() if t is not None else None for t in out["timestamp"]]
-    return out.to_csv(index=False).encode()
 
 
 def _npy(array: np.ndarray) -> bytes:
@@ -579,8 +570,7 @@ def _gallery_from(archive: Path, staged: dict[str, Path], manifest: dict[str, An
         raise ArchiveError(
             archive, ENTRIES_FILE, f"has columns {list(raw.columns)}, expected {expected}", ASK_NEW_EXPORT
         )
-    raw = raw.replace("", None)
-    entries, problems = build_catalogue(raw, first_line=2)
+    entries, problems = entries_from_table(raw)
     if problems:
         raise ArchiveError(
             archive,
@@ -588,7 +578,6 @@ def _gallery_from(archive: Path, staged: dict[str, Path], manifest: dict[str, An
             f"has {len(problems)} invalid rows; {problems[0].where}: {problems[0].message}",
             ASK_NEW_EXPORT,
         )
-    entries["content_hash"] = pd.Series(raw["content_hash"].tolist(), dtype="string")
     embeddings = np.load(staged[EMBEDDINGS_FILE], allow_pickle=False)
     dim = manifest.get("embedding_dim")
     if embeddings.dtype != np.float32 or embeddings.shape != (len(entries), dim):

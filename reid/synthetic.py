@@ -656,7 +656,7 @@ def _ring_polygons(rng: np.random.Generator, centres: Array, radii: Array) -> Ar
     r = np.concatenate([outer, inner[:, ::-1]], axis=1)
     t = np.concatenate([t, t[:, ::-1]], axis=1)
     local = np.stack([r * np.cos(t) * stretch[:, None], r * np.sin(t)], axis=-1)
-    return _place(local, angle, centres[owner])[~open_ring]
+    return np.asarray(_place(local, angle, centres[owner])[~open_ring])
 
 
 def _blob_polygons(rng: np.random.Generator, centres: Array, radii: Array) -> Array:
@@ -1156,7 +1156,7 @@ def _homography(
     )
     project = np.diag([depth, depth, 1.0]) @ np.column_stack([turn[:, 0], turn[:, 1], [0.0, 0.0, depth]])
     place = np.array([[scale, 0, anchor[0]], [0, scale, anchor[1]], [0, 0, 1]])
-    return place @ project @ to_centre
+    return np.asarray(place @ project @ to_centre)
 
 
 def _project(polygons: Sequence[Array], homography: Array) -> list[Array]:
@@ -1227,7 +1227,7 @@ def _motion_kernel(length_px: float, angle: float) -> Array:
     c = size // 2
     dx, dy = math.cos(angle) * length_px / 2, math.sin(angle) * length_px / 2
     cv2.line(kernel, (round(c - dx), round(c - dy)), (round(c + dx), round(c + dy)), 1.0, 1, cv2.LINE_AA)
-    return kernel / kernel.sum()
+    return np.asarray(kernel / kernel.sum())
 
 
 def _clipped_box(outline: Array, width: int, height: int) -> tuple[float, float, float, float]:
@@ -1322,7 +1322,7 @@ def _day_exposure(rng: np.random.Generator, width: int, height: int, encounter: 
         shade = 1.0 - dapple * (distance < 20) if dapple is not None else np.ones(distance.shape, np.float32)
         out = rgb * cast * (gain * shade)[..., None]
         out = np.clip((out - 0.45) * contrast + 0.45, 0, 1)
-        return out ** (1 / gamma)
+        return np.asarray(out ** (1 / gamma))
 
     return expose
 
@@ -1345,7 +1345,7 @@ def _night_exposure(rng: np.random.Generator, width: int, height: int) -> Any:
         out = cv2.GaussianBlur(out, (0, 0), 0.6)  # infrared focuses behind the visible-light focus
         mean = float(out.mean())
         out = 0.05 + 0.9 * (mean + contrast * (out - mean))
-        return out[..., None] * tint
+        return np.asarray(out[..., None] * tint)
 
     return expose
 

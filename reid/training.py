@@ -108,7 +108,7 @@ def evaluate_split(
     return result, queries, gallery
 
 
-class FlankDataset(Dataset):
+class FlankDataset(Dataset[tuple[torch.Tensor, int]]):
     """Item i: (transformed (3, h, w) crop, target i) for the table's rows."""
 
     def __init__(
@@ -139,7 +139,7 @@ class FlankDataset(Dataset):
         return self.transform(self.crop(i)), int(self.targets[i])
 
 
-class IdentityBalancedSampler(MPerClassSampler):
+class IdentityBalancedSampler(MPerClassSampler):  # type: ignore[misc]  # pytorch-metric-learning is untyped
     """pytorch-metric-learning's P x K sampler, reproducible from (seed, epoch, rank).
 
     Each batch holds batch_size / m_per_class identities with m_per_class crops
@@ -181,7 +181,7 @@ class IdentityBalancedSampler(MPerClassSampler):
         pml_common.NUMPY_RANDOM = np.random.RandomState(state)
         try:
             self.labels = sorted(self.labels)  # type: ignore[has-type]
-            return super().__iter__()
+            return cast(Iterator[int], super().__iter__())
         finally:
             pml_common.NUMPY_RANDOM = saved
 
@@ -271,7 +271,7 @@ class FlankDataModule(pl.LightningDataModule):
             self.val_table, np.arange(len(self.val_table)), self.eval_transform, self.preprocess, val_crops
         )
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> DataLoader[tuple[torch.Tensor, int]]:
         """Return P x K batches of (images (B, 3, h, w), labels (B,))."""
         assert self.train_set is not None, "call setup() first"
         trainer = self.trainer
@@ -286,12 +286,12 @@ class FlankDataModule(pl.LightningDataModule):
         )
         return self._loader(self.train_set, self.batch_size, sampler=sampler, drop_last=True)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader[tuple[torch.Tensor, int]]:
         """Return batches of (images (B, 3, h, w), row positions in `val_table` (B,)), in table order."""
         assert self.val_set is not None, "call setup() first"
         return self._loader(self.val_set, self.eval_batch_size)
 
-    def _loader(self, dataset: FlankDataset, batch_size: int, **kwargs: Any) -> DataLoader:
+    def _loader(self, dataset: FlankDataset, batch_size: int, **kwargs: Any) -> DataLoader[tuple[torch.Tensor, int]]:
         return DataLoader(
             dataset,
             batch_size=batch_size,
@@ -352,7 +352,7 @@ class EmbeddingModule(pl.LightningModule):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Return (B, D) L2-normalised embeddings."""
-        return self.embedder(images)
+        return cast(torch.Tensor, self.embedder(images))
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels = batch
@@ -361,7 +361,7 @@ class EmbeddingModule(pl.LightningModule):
         loss = self.loss(embeddings, labels, pairs)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(labels))
         self.log("train/lr", float(self.trainer.optimizers[0].param_groups[0]["lr"]), on_step=True, on_epoch=False)
-        return loss
+        return cast(torch.Tensor, loss)
 
     def on_validation_epoch_start(self) -> None:
         self._val_parts = []

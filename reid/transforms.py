@@ -15,7 +15,7 @@ altogether, so a flip is never label-preserving. Rotations and shears are small.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import albumentations as A
 import cv2
@@ -37,7 +37,7 @@ class FlankTransform:
         self.compose = compose
 
     def __call__(self, image: np.ndarray) -> torch.Tensor:
-        return self.compose(image=image)["image"]
+        return cast(torch.Tensor, self.compose(image=image)["image"])
 
     def reseed(self, seed: int) -> None:
         """Restart the random augmentations from `seed` (each DataLoader worker gets its own)."""

@@ -177,9 +177,7 @@ def test_enrolling_again_adds_nothing_twice(tmp_path: Path, embedder) -> None:
     reference = _table(tmp_path / "g", [("KZ-A", "left", "g1", "S1", "2021-01-01", 2)])
     build_gallery(reference, embedder, tmp_path / "gallery", progress=False)
     more = _table(tmp_path / "g2", [("KZ-B", "right", "g2", "S1", "2021-01-02", 1)])
-    gallery, problems = build_gallery(
-        pd.concat([reference, more]), embedder, tmp_path / "gallery", progress=False
-    )
+    gallery, problems = build_gallery(pd.concat([reference, more]), embedder, tmp_path / "gallery", progress=False)
     assert len(gallery) == 3
     assert any("already in the gallery" in p.message for p in problems)
 
@@ -196,9 +194,7 @@ def test_report_opens_offline_in_chromium_with_every_image(tmp_path: Path, embed
     reference = _table(
         tmp_path / "g", [("KZ-A", "left", "g1", "S1", "2021-01-01", 2), ("KZ-B", "right", "g2", "S1", "2021-01-02", 2)]
     )
-    gallery, _ = build_gallery(
-        reference, embedder, tmp_path / "gallery", keypoints=KeypointConfig(), progress=False
-    )
+    gallery, _ = build_gallery(reference, embedder, tmp_path / "gallery", keypoints=KeypointConfig(), progress=False)
     queries = _table(
         tmp_path / "q", [("KZ-A", "left", "q1", "S1", "2021-05-01", 2), ("X", "right", "q2", "S1", "2021-05-02", 1)]
     )

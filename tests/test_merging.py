@@ -51,9 +51,7 @@ def world(tmp_path_factory: pytest.TempPathFactory):
     galleries = {}
     for country, catalogue in catalogues.items():
         folder = root / f"gallery-{country}"
-        gallery, problems = build_gallery(
-            catalogue, embedder, folder, keypoints=KeypointConfig(), progress=False
-        )
+        gallery, problems = build_gallery(catalogue, embedder, folder, keypoints=KeypointConfig(), progress=False)
         assert not [p for p in problems if "already" not in p.message]
         calibrate_gallery(gallery, folder, fusion=ScoreFusion("fused", 500), progress=False)
         galleries[country] = folder

@@ -102,7 +102,9 @@ def run_build(
 ) -> Outcome:
     """`infer.py mode=build`: build or extend the gallery from a source; return its folder and the problems."""
     catalogue, problems = load_source(source)
-    _, more = build_gallery(catalogue, embedder, gallery_dir, index_kind=index_kind, keypoints=keypoints, progress=progress)
+    _, more = build_gallery(
+        catalogue, embedder, gallery_dir, index_kind=index_kind, keypoints=keypoints, progress=progress
+    )
     return Outcome({"gallery": Path(gallery_dir)}, problems + more)
 
 

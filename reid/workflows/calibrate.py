@@ -84,7 +84,9 @@ def calibrate_thresholds(
         if fusion.method == "fused":
             fusion.embedding = fit_calibration(pairs["cosine"].to_numpy(), same, method=settings.method)
         seed += 1
-    per_encounter = _decisions_left_out(labelled, embeddings, features, keypoint_config, fusion, settings, seed, progress)
+    per_encounter = _decisions_left_out(
+        labelled, embeddings, features, keypoint_config, fusion, settings, seed, progress
+    )
     top = per_encounter["top_score"].fillna(-np.inf).to_numpy()
     known = per_encounter["in_gallery"].to_numpy()
     thresholds = calibrate(
@@ -264,7 +266,7 @@ def _decisions_left_out(
 
     def left_out(rows: np.ndarray) -> np.ndarray:
         safe = np.clip(rows, 0, None)
-        return (encounters[safe] == own_encounter[:, None]) | (individuals[safe] == own_individual[:, None])
+        return np.asarray((encounters[safe] == own_encounter[:, None]) | (individuals[safe] == own_individual[:, None]))
 
     sides = asked["side"].fillna("unknown").to_numpy(dtype=object)
     scores, rows = scored_candidates(gallery, embeddings[queries], sides, scorer, k=settings.k, exclude=left_out)

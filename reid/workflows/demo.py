@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -39,7 +41,9 @@ from reid.workflows.shared import find_shared_individuals, partner_gallery
 log = logging.getLogger(__name__)
 
 
-def evaluate_against_truth(decisions: pd.DataFrame, truth: pd.DataFrame, enrolled: set[str], counts: dict) -> dict:
+def evaluate_against_truth(
+    decisions: pd.DataFrame, truth: pd.DataFrame, enrolled: set[str], counts: Mapping[str, Any]
+) -> dict[str, Any]:
     """Return how the decisions compare with known true identities: per-query outcome rates and count bounds."""
     merged = decisions[decisions["decision"] != UNREADABLE].merge(
         truth[["annotation_id", "individual_id"]], left_on="query", right_on="annotation_id"
@@ -103,7 +107,9 @@ def run_infer_demo(
         reference, embedder, gallery_dir, index_kind=index_kind, keypoints=keypoints, progress=progress
     )
     problems += more
-    thresholds, _, more = calibrate_gallery(gallery, gallery_dir, fusion=fusion, settings=calibration, progress=progress)
+    thresholds, _, more = calibrate_gallery(
+        gallery, gallery_dir, fusion=fusion, settings=calibration, progress=progress
+    )
     result, outcome = match(
         queries,
         embedder,

@@ -119,7 +119,11 @@ def find_shared_individuals(
     if thresholds is None:
         thresholds = UNCALIBRATED
         problems.append(
-            Problem("local gallery", "thresholds", "not calibrated: every pair goes to review; run `infer.py mode=calibrate`")
+            Problem(
+                "local gallery",
+                "thresholds",
+                "not calibrated: every pair goes to review; run `infer.py mode=calibrate`",
+            )
         )
     fusion = fusion or local.fusion
     queries = partner_pictures.reset_index(drop=True).copy()
