@@ -14,7 +14,7 @@ import json
 import zipfile
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -54,8 +54,6 @@ class LocalFeatures:
     """(height, width) of the crop given to `extract`, px; (0, 0) for a crop that could not be read."""
     scores: np.ndarray | None = None
     """(N,) float32 detector confidences, or None where the detector has none."""
-    extra: dict[str, Any] = field(default_factory=dict)
-    """Not stored: per-process caches a matcher may keep (never needed to score)."""
 
     def __post_init__(self) -> None:
         keypoints = np.asarray(self.keypoints, dtype=np.float32).reshape(-1, 2)
