@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger("reid")
+log = logging.getLogger(__name__)
 
 
 class ReidError(Exception):

@@ -15,6 +15,7 @@ calibrated on.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Literal
@@ -24,8 +25,10 @@ from scipy.special import expit, logit
 from sklearn.isotonic import IsotonicRegression
 from sklearn.linear_model import LogisticRegression
 
-from reid.errors import ReidError, log
+from reid.errors import ReidError
 from reid.keypoints import Features, KeypointConfig, score_pairs
+
+log = logging.getLogger(__name__)
 
 ScoreMethod = Literal["embedding", "keypoints", "fused"]
 FusionRule = Literal["mean", "log_odds"]

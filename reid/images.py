@@ -8,6 +8,7 @@ be used raise `ImageReadError` naming the file and the reason.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,7 +16,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from reid.errors import ReidError, log
+from reid.errors import ReidError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MAX_PIXELS = 200_000_000  # about a 16k x 12k frame; larger is almost surely an error or an attack
 _EXIF_ORIENTATION = 0x0112

@@ -15,6 +15,7 @@ Nothing here knows about Hydra or W&B: everything takes plain objects.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 import time
@@ -35,13 +36,15 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 from tqdm import tqdm
 
 from reid.catalogue import BBOX_COLUMNS
-from reid.errors import Problem, ReidError, log, report
+from reid.errors import Problem, ReidError, report
 from reid.files import atomic_write
 from reid.images import ImageReadError
 from reid.metrics import RetrievalResult, evaluate_retrieval
 from reid.models import Embedder, EmbedderConfig, embed_images, export_embedder, load_embedder, read_crop
 from reid.splits import SplitMethod, split_catalogue
 from reid.transforms import FlankTransform, Transform, eval_transform, image_hw
+
+log = logging.getLogger(__name__)
 
 Identity = Literal["individual_side", "individual"]
 ROLE_TRAIN, ROLE_GALLERY, ROLE_QUERY = "train", "gallery", "query"
@@ -429,20 +432,30 @@ class EmbeddingModule(pl.LightningModule):
             logger.log_image(key="val/matches", images=strips, caption=captions, step=self.global_step)
 
 
-def image_strip(crops: Sequence[np.ndarray], correct: Sequence[bool | None], height_px: int) -> np.ndarray:
-    """Return an (H, W, 3) uint8 strip of crops side by side, framed green (match), red (not) or grey (query)."""
-    frame = 4
-    tiles = []
-    for crop, flag in zip(crops, correct, strict=True):
+def image_strip(
+    crops: Sequence[np.ndarray], correct: Sequence[bool | None], height_px: int, *, tiles: int = 4
+) -> np.ndarray:
+    """Return an (H, W, 3) uint8 strip of `tiles` framed crops side by side: green (match), red (not), grey (query).
+
+    Every strip of one `height_px` has the same size (W = tiles x 2 H plus frames): each
+    crop is fitted into a 2:1 tile, and missing matches are left blank. W&B shows
+    images of different sizes in one panel incorrectly (and says so every epoch).
+    """
+    frame, width_px = 4, 2 * height_px
+    strip = np.full((height_px + 2 * frame, tiles * (width_px + 2 * frame), 3), 255, np.uint8)
+    for k, (crop, flag) in enumerate(list(zip(crops, correct, strict=True))[:tiles]):
         h, w = crop.shape[:2]
-        width = max(1, round(w * height_px / h))
-        tile = np.asarray(Image.fromarray(crop).resize((width, height_px), Image.Resampling.BILINEAR))
-        colour = (128, 128, 128) if flag is None else ((40, 180, 60) if flag else (220, 40, 40))
-        framed = np.empty((height_px + 2 * frame, width + 2 * frame, 3), np.uint8)
-        framed[:] = colour
-        framed[frame:-frame, frame:-frame] = tile
-        tiles.append(framed)
-    return np.concatenate(tiles, axis=1)
+        scale = min(width_px / w, height_px / h)
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        tile = np.asarray(Image.fromarray(crop).resize(size, Image.Resampling.BILINEAR))
+        left = k * (width_px + 2 * frame)
+        strip[:, left : left + width_px + 2 * frame] = (
+            (128, 128, 128) if flag is None else ((40, 180, 60) if flag else (220, 40, 40))
+        )
+        y, x = frame + (height_px - size[1]) // 2, left + frame + (width_px - size[0]) // 2
+        strip[frame : frame + height_px, left + frame : left + frame + width_px] = 0
+        strip[y : y + size[1], x : x + size[0]] = tile
+    return strip
 
 
 @dataclass

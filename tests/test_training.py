@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import pytorch_lightning as pl
 import torch
+from PIL import Image
 from pytorch_metric_learning.losses import ArcFaceLoss
 
 from reid.models import create_embedder, embed_images, load_embedder
@@ -293,3 +294,5 @@ def test_wandb_offline_run_logs_metrics_and_image_strips(flank_catalogue, tmp_pa
     assert len(runs) == 1
     media = list(runs[0].rglob("*.png"))
     assert media, "no query/top-match strips were logged"
+    assert len({Image.open(path).size for path in media}) == 1  # one size, or W&B's UI shows them wrongly
+    assert "Images sizes do not match" not in done.stdout + done.stderr

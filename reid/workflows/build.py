@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +16,6 @@ from reid.index import IndexKind
 from reid.keypoints import KeypointConfig, extract_rows
 from reid.models import Embedder, embed_images, model_fingerprint
 from reid.workflows.common import Outcome
-
-log = logging.getLogger(__name__)
 
 
 def build_gallery(

@@ -8,7 +8,6 @@ the truth.
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
@@ -37,8 +36,6 @@ from reid.workflows.calibrate import CalibrationSettings, calibrate_gallery
 from reid.workflows.common import Outcome
 from reid.workflows.match import match
 from reid.workflows.shared import find_shared_individuals, partner_gallery
-
-log = logging.getLogger(__name__)
 
 
 def evaluate_against_truth(

@@ -9,7 +9,6 @@ embedding's cosine, or calibrated keypoint evidence fused with it), and the pure
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -40,8 +39,6 @@ from reid.keypoints import Features, KeypointConfig, extract_rows
 from reid.models import Embedder, embed_images, model_fingerprint
 from reid.report import write_report
 from reid.workflows.common import Outcome
-
-log = logging.getLogger(__name__)
 
 UNCALIBRATED = Thresholds(known=np.inf, new=-np.inf)
 """Thresholds that decide nothing: every capture goes to review (a gallery that is not calibrated yet)."""

@@ -8,7 +8,6 @@ functions are `share.py`'s modes.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,8 +29,6 @@ from reid.report import write_report
 from reid.sharing import ImportedCatalogue, export_catalogue, import_catalogue, load_imported
 from reid.workflows.common import Outcome, write_counts
 from reid.workflows.match import UNCALIBRATED, score_queries
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
