@@ -89,6 +89,7 @@ def main() -> None:
     if args.rerank:
         first, cost = evaluate(args.rerank, table, allowed, queries, args)
         rows.append({"method": args.rerank, **topk_accuracy(first, ids, queries), **cost})
+        print(pd.DataFrame(rows[-1:]).to_markdown(index=False, floatfmt=".3f"), flush=True)
         shortlists = top_individuals(first, args.shortlist)
     for method in args.methods:
         start = time.perf_counter()
