@@ -90,11 +90,11 @@ def main() -> None:
         first, cost = evaluate(args.rerank, table, allowed, queries, args)
         rows.append({"method": args.rerank, **topk_accuracy(first, ids, queries), **cost})
         print(pd.DataFrame(rows[-1:]).to_markdown(index=False, floatfmt=".3f"), flush=True)
-        shortlists = top_individuals(first, args.shortlist)
+        shortlists = ranked_individuals(first)
     for method in args.methods:
         start = time.perf_counter()
         if shortlists is not None:
-            scores, cost = evaluate(method, table, allowed, queries, args, shortlist=shortlists)
+            scores, cost = evaluate(method, table, allowed, queries, args, ranked=shortlists, shortlist=args.shortlist)
             label = f"{method} re-ranking {args.rerank} top-{args.shortlist}"
         else:
             scores, cost = evaluate(method, table, allowed, queries, args)
@@ -175,9 +175,14 @@ def evaluate(
     allowed: np.ndarray,
     queries: np.ndarray,
     args: argparse.Namespace,
-    shortlist: dict[int, set[str]] | None = None,
+    ranked: dict[int, list[str]] | None = None,
+    shortlist: int = 0,
 ) -> tuple[dict[int, dict[str, float]], dict[str, float]]:
-    """Return each query's {individual: score} and the costs (ms per extraction, per pair or per query)."""
+    """Return each query's {individual: score} and the costs (ms per extraction, per pair or per query).
+
+    With `ranked` (each query's individuals in a first stage's order), a pair matcher scores
+    only the first `shortlist` of them; the rest keep the first stage's order below them.
+    """
     name = base_matcher(method)
     matcher = build(name, args)
     features, extract_ms = features_for(name, matcher, table, args)
@@ -217,8 +222,8 @@ def evaluate(
     wanted = set()
     for q in queries:
         gallery = np.flatnonzero(allowed[q])
-        if shortlist is not None:
-            gallery = gallery[np.isin(ids[gallery], list(shortlist[int(q)]))]
+        if ranked is not None:
+            gallery = gallery[np.isin(ids[gallery], ranked[int(q)][:shortlist])]
         wanted.update((min(q, g), max(q, g)) for g in gallery.tolist())
     by_query: dict[int, list[int]] = {}
     for a, b in sorted(wanted):
@@ -235,22 +240,22 @@ def evaluate(
     for q in queries:
         best: dict[str, float] = {}
         gallery = np.flatnonzero(allowed[q])
-        if shortlist is not None:
-            gallery = gallery[np.isin(ids[gallery], list(shortlist[int(q)]))]
+        if ranked is not None:
+            gallery = gallery[np.isin(ids[gallery], ranked[int(q)][:shortlist])]
         for g in gallery.tolist():
             value = pair_scores[(min(q, g), max(q, g))]
             best[ids[g]] = max(best.get(ids[g], -np.inf), value)
-        if shortlist is not None:
+        if ranked is not None:
             # Individuals outside the shortlist rank below it, in the first stage's order.
-            best.update({i: -1.0 - r for r, i in enumerate(shortlist[int(q)]) if i not in best})
+            best.update({i: -1.0 - r for r, i in enumerate(ranked[int(q)]) if i not in best})
         scores[int(q)] = best
     n_pairs = len(wanted)
     return scores, {"ms_extract": extract_ms, "ms_per_pair": pair_ms, "pairs": float(n_pairs)}
 
 
-def top_individuals(scores: dict[int, dict[str, float]], b: int) -> dict[int, set[str]]:
-    """Return each query's `b` best-scored individuals."""
-    return {q: set(sorted(s, key=lambda i: -s[i])[:b]) for q, s in scores.items()}
+def ranked_individuals(scores: dict[int, dict[str, float]]) -> dict[int, list[str]]:
+    """Return each query's individuals, best-scored first."""
+    return {q: sorted(s, key=lambda i: -s[i]) for q, s in scores.items()}
 
 
 def topk_accuracy(scores: dict[int, dict[str, float]], ids: np.ndarray, queries: np.ndarray) -> dict[str, float]:
@@ -258,10 +263,14 @@ def topk_accuracy(scores: dict[int, dict[str, float]], ids: np.ndarray, queries:
     hits: dict[int, list[float]] = {k: [] for k in TOPK}
     for q in queries:
         s = scores[int(q)]
-        truth = s.get(ids[q], -np.inf)
+        if ids[q] not in s:
+            for k in TOPK:
+                hits[k].append(0.0)
+            continue
+        truth = s[ids[q]]
         values = np.array(list(s.values()))
         greater = int((values > truth).sum())
-        ties = int((values == truth).sum()) - 1 if np.isfinite(truth) else 0
+        ties = int((values == truth).sum()) - 1
         for k in TOPK:
             hits[k].append(float(np.clip((k - greater) / (ties + 1), 0.0, 1.0)))
     result: dict[str, float] = {}
