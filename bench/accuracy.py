@@ -77,7 +77,7 @@ def main() -> None:
     )
     parser.add_argument("--keypoints", default="rootsift", choices=["rootsift", "sift", "orb", "akaze"])
     parser.add_argument("--rule", default=ScoreFusion().rule, choices=["mean", "log_odds"], help="fusion rule")
-    parser.add_argument("--calibration", default=DEFAULT_CALIBRATION, choices=["logistic", "isotonic"])
+    parser.add_argument("--calibration", default=DEFAULT_CALIBRATION, choices=["auto", "logistic", "isotonic"])
     parser.add_argument("--shortlist", type=int, default=ScoreFusion().shortlist, help="B of the open-set run")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--seed", type=int, default=0)

@@ -81,6 +81,86 @@ def count_table(
     return table[[*by, *[c for c in table.columns if c not in by]]]
 
 
+def count_bounds(
+    decided: pd.DataFrame,
+    unresolved: pd.DataFrame,
+    *,
+    by: Sequence[str] = ("country",),
+    period: str | None = None,
+    known_sides: pd.DataFrame | None = None,
+    simultaneous_s: float = DEFAULT_SIMULTANEOUS_S,
+) -> pd.DataFrame:
+    """Return bounds on the number of individuals that contain the truth whenever the decided IDs are right.
+
+    `decided` holds captures whose `individual_id` is certain (decided known, or
+    confirmed by a person); `unresolved` holds captures nobody has identified yet
+    (to review, or only provisionally new), one `encounter_id` each animal. The
+    minimum counts the decided individuals (B + max(L, R), tightened by exclusions)
+    plus unresolved encounters that hard evidence keeps apart from every animal
+    counted (seen together, different sex, the same time at another station); the
+    maximum lets every unresolved encounter be another animal. One row per group,
+    the combined row (group columns "all") first, with how many encounters await
+    review: identifying them narrows the interval.
+    """
+    decided = decided[decided["individual_id"].notna()]
+    # Each unresolved encounter stands for one animal of its own until someone identifies it.
+    opened = unresolved["encounter_id"].fillna(unresolved["annotation_id"]).astype(str)
+    unresolved = unresolved.assign(individual_id=("?" + opened).astype("string"))
+    extra = _sides_by_individual(known_sides) if known_sides is not None else {}
+    groups: list[tuple[dict[str, Any], pd.DataFrame, pd.DataFrame]] = [({c: "all" for c in by}, decided, unresolved)]
+    keys = list(by)
+    if period is not None:
+        keys.append("period")
+        decided, unresolved = (
+            t.assign(period=t["timestamp"].dt.tz_localize(None).dt.to_period(_period_freq(period)).astype(str))
+            for t in (decided, unresolved)
+        )
+    if keys:
+        both = pd.concat([decided[keys], unresolved[keys]]).drop_duplicates()
+        for values in both.sort_values(keys).itertuples(index=False):
+            key = dict(zip(keys, values, strict=True))
+
+            def pick(t: pd.DataFrame, key: dict[str, Any] = key) -> pd.DataFrame:
+                mask = np.ones(len(t), dtype=bool)
+                for c, v in key.items():
+                    mask &= (t[c].isna() if pd.isna(v) else t[c] == v).to_numpy(dtype=bool)
+                return t[mask]
+
+            groups.append((key, pick(decided), pick(unresolved)))
+    rows = []
+    for key, group_decided, group_unresolved in groups:
+        counted = _bounds(group_decided, extra, simultaneous_s)
+        apart = _kept_apart(group_decided, group_unresolved, simultaneous_s)
+        n_open = int(group_unresolved["individual_id"].nunique())
+        rows.append(
+            {
+                **key,
+                "decided_individuals": len(_evidence(group_decided)),
+                "awaiting_review": n_open,
+                "minimum": counted["minimum"] + apart,
+                "maximum": counted["maximum"] + n_open,
+                "individuals": counted["individuals"],
+            }
+        )
+    columns = [*keys, "decided_individuals", "awaiting_review", "minimum", "maximum", "individuals"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def _kept_apart(decided: pd.DataFrame, unresolved: pd.DataFrame, simultaneous_s: float) -> int:
+    """Return how many unresolved encounters hard evidence keeps apart from every decided animal and each other.
+
+    Greedy: a set of animals that pairwise cannot be the same forces that many
+    distinct animals, so any such set is a sound addition to the minimum.
+    """
+    counted = list(_evidence(decided).values())
+    added = 0
+    for candidate in _evidence(unresolved).values():
+        if not any(_could_be_same(candidate, other, simultaneous_s) for other in counted):
+            counted.append(candidate)
+            added += 1
+    return added
+
+
 def _bounds(captures: pd.DataFrame, extra: dict[str, set[str]], simultaneous_s: float) -> dict[str, Any]:
     evidence = _evidence(captures)
     sides = {i: set(e.sides) | extra.get(i, set()) for i, e in evidence.items()}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from enum import StrEnum
 from typing import Any
 
@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.spatial.distance import squareform
+from scipy.stats import beta
 
 from reid.catalogue import COLUMN_NAMES
 from reid.errors import ReidError
@@ -62,6 +63,7 @@ DECISION_COLUMNS: Mapping[str, str] = {
     "assigned_id": "string",
     "top_individual": "string",
     "top_score": "float64",
+    "margin": "float64",
     "reason": "string",
 }
 """decisions.csv: one row per query capture; the decision and assigned ID are its encounter's."""
@@ -74,40 +76,116 @@ def typed_table(rows: list[dict[str, Any]] | pd.DataFrame, columns: Mapping[str,
     return table.astype(dict(columns))
 
 
+CONFIDENCE = 0.95
+"""The confidence of every error-rate bound the software states."""
+
+
+def rate_upper_bound(errors: int, decisions: int, confidence: float = CONFIDENCE) -> float:
+    """Return the exact one-sided (Clopper-Pearson) upper confidence bound of an error rate seen as errors/decisions.
+
+    With no decisions nothing is known: the bound is 1.
+    """
+    if decisions <= 0:
+        return 1.0
+    if errors >= decisions:
+        return 1.0
+    return float(beta.ppf(confidence, errors + 1, decisions - errors))
+
+
 @dataclass(frozen=True)
 class Thresholds:
-    """Score >= `known`: a known individual; score < `new`: a new one; in between: review.
+    """Score >= `known` (and a lead of at least `margin` over the runner-up): a known individual;
+    score < `new`: a new one; in between: review.
 
-    The error rates are those measured on the calibration data (NaN when not measured).
+    The counts are what the thresholds gave on the calibration decisions, so every
+    rate comes with the number of decisions it rests on and an upper confidence bound.
     """
 
     known: float
     new: float
-    false_new_rate: float = float("nan")
-    false_merge_rate: float = float("nan")
-    review_rate: float = float("nan")
-    n_known_queries: int = 0
-    n_unseen_queries: int = 0
+    margin: float = 0.0
+    """Least lead of the top individual's score over the runner-up's for a known decision (0: top score alone)."""
+    wrong_ids: int = 0
+    """Calibration queries decided known with a wrong ID (enrolled animals given another's ID, and merged new ones)."""
+    known_decisions: int = 0
+    false_new: int = 0
+    """Calibration queries of enrolled animals decided new."""
+    known_queries: int = 0
+    false_merges: int = 0
+    """Calibration queries of animals left out of the gallery decided known."""
+    unseen_queries: int = 0
+    reviewed: int = 0
+    """Calibration queries (both kinds) sent to review."""
+    max_wrong_id: float = 0.05
+    max_false_new: float = 0.05
+    max_false_merge: float = 0.05
+    notes: tuple[str, ...] = ()
+    """What the analyst must know about these thresholds: targets the data cannot support, decisions switched off."""
 
     def __post_init__(self) -> None:
         if self.new > self.known:
             raise ReidError(f"threshold new ({self.new}) must not exceed known ({self.known})")
+        object.__setattr__(self, "notes", tuple(self.notes))
 
-    def decide(self, scores: np.ndarray) -> np.ndarray:
-        """Return the decision ("known", "review" or "new") for each score."""
+    def decide(self, scores: np.ndarray, margins: np.ndarray | None = None) -> np.ndarray:
+        """Return the decision ("known", "review" or "new") for each top score and its lead over the runner-up."""
         scores = np.asarray(scores, dtype=float)
-        return np.where(scores >= self.known, KNOWN, np.where(scores < self.new, NEW, REVIEW))
+        lead = np.full(scores.shape, np.inf) if margins is None else np.nan_to_num(margins, nan=np.inf)
+        known = (scores >= self.known) & (lead >= self.margin)
+        return np.where(known, KNOWN, np.where(scores < self.new, NEW, REVIEW))
+
+    @property
+    def decides_known(self) -> bool:
+        """Whether any capture can be decided known (calibration found thresholds that meet the targets)."""
+        return bool(np.isfinite(self.known))
+
+    def rates(self) -> dict[str, dict[str, float | int]]:
+        """Return each calibration error rate with its decisions, errors, upper bound and target."""
+        return {
+            name: {
+                "rate": errors / decisions if decisions else float("nan"),
+                "errors": errors,
+                "decisions": decisions,
+                "upper_bound": rate_upper_bound(errors, decisions),
+                "target": target,
+            }
+            for name, errors, decisions, target in (
+                ("wrong_id", self.wrong_ids, self.known_decisions, self.max_wrong_id),
+                ("false_new", self.false_new, self.known_queries, self.max_false_new),
+                ("false_merge", self.false_merges, self.unseen_queries, self.max_false_merge),
+            )
+        }
+
+    def summary(self) -> str:
+        """Return the rates as one line: rate (errors/decisions, 95 % upper bound) per kind of error."""
+        parts = [
+            f"{name.replace('_', ' ')} {r['rate']:.1%} ({r['errors']}/{r['decisions']}, "
+            f"{CONFIDENCE:.0%} upper bound {r['upper_bound']:.1%}, target {r['target']:.0%})"
+            for name, r in self.rates().items()
+        ]
+        return "; ".join(parts)
 
     def to_json(self) -> str:
-        """Return the thresholds and their error rates as JSON (stored with the gallery)."""
-        return json.dumps(asdict(self), indent=2)
+        """Return the thresholds and their calibration counts as JSON (stored with the gallery)."""
+        values = asdict(self)
+        values["notes"] = list(self.notes)
+        values["known"] = self.known if np.isfinite(self.known) else "inf"
+        values["new"] = self.new if np.isfinite(self.new) else "-inf"
+        return json.dumps(values, indent=2)
 
     @classmethod
     def from_json(cls, text: str | bytes) -> Thresholds:
         """Read thresholds written by `to_json`."""
         try:
-            return cls(**json.loads(text))
-        except (ValueError, TypeError) as err:
+            values = json.loads(text)
+            if "false_merge_rate" in values:
+                raise ReidError(
+                    "thresholds calibrated by leopard-reid 0.1 state no error bounds; run "
+                    "`python infer.py mode=calibrate` again"
+                )
+            values["known"], values["new"] = float(values["known"]), float(values["new"])
+            return cls(**values)
+        except (ValueError, TypeError, KeyError) as err:
             raise ReidError(f"not a thresholds file ({err}); run calibration again") from err
 
 
@@ -150,57 +228,163 @@ def calibrate(
     known_correct: np.ndarray,
     unseen_top: np.ndarray,
     *,
+    known_margin: np.ndarray | None = None,
+    unseen_margin: np.ndarray | None = None,
+    max_wrong_id: float = 0.05,
     max_false_merge: float = 0.05,
     max_false_new: float = 0.05,
+    min_decisions: int = 20,
 ) -> Thresholds:
-    """Return thresholds chosen on labelled held-out decisions, with their error rates.
+    """Return thresholds chosen on labelled held-out decisions, with what they gave there.
 
     `known_top` are the top pooled scores of queries whose individual is in the
-    gallery (`known_correct`: whether that top individual is the right one);
-    `unseen_top` those of queries whose individual is not. `known` is the lowest
-    threshold that gives at most `max_false_merge` of unseen queries (and of wrong
-    top candidates) a known ID; `new` the highest that calls at most
-    `max_false_new` of known queries new. Where both cannot hold, the review band
-    closes (new = known) and the rates say what was achieved.
+    gallery (`known_correct`: whether that top individual is the right one),
+    `unseen_top` those of queries whose individual is not; the margins are each
+    top score's lead over the runner-up. `known` (with `margin`) is the lowest
+    threshold whose known decisions hold at most `max_wrong_id` wrong IDs (both
+    kinds of query: the calibration weighs new animals as often as enrolled ones)
+    and give at most `max_false_merge` of unseen queries an ID; among the margins tried, the one
+    that lets the most right IDs through wins. `new` is the highest threshold that
+    calls at most `max_false_new` of known queries new. When no threshold meets the
+    targets, nothing is decided known (known = inf) and a note says so; a target
+    that the number of decisions cannot support (its upper confidence bound is
+    above it) gets a note too.
     """
-    known_top = np.asarray(known_top, dtype=float)
+    known_top = np.nan_to_num(np.asarray(known_top, dtype=float), nan=-np.inf)
     known_correct = np.asarray(known_correct, dtype=bool)
-    unseen_top = np.asarray(unseen_top, dtype=float)
+    unseen_top = np.nan_to_num(np.asarray(unseen_top, dtype=float), nan=-np.inf)
+    known_margin = np.full(len(known_top), np.inf) if known_margin is None else np.asarray(known_margin, float)
+    unseen_margin = np.full(len(unseen_top), np.inf) if unseen_margin is None else np.asarray(unseen_margin, float)
     if len(known_top) == 0:
-        raise ReidError("calibration needs queries of individuals that are in the gallery; hold out fewer individuals")
-    # Scores that must not become "known": every unseen query and every known query whose top ID is wrong.
-    impostors = np.sort(np.concatenate([unseen_top, known_top[~known_correct]]))
-    if len(impostors) == 0:
-        t_known = float(known_top.min())
+        raise ReidError("calibration needs queries of individuals that are in the gallery; label more encounters")
+    targets = dict(max_wrong_id=max_wrong_id, max_false_new=max_false_new, max_false_merge=max_false_merge)
+    best: tuple[int, float, float] | None = None  # (right IDs, -threshold, margin)
+    finite_margins = known_margin[np.isfinite(known_margin) & known_correct]
+    tried = {0.0, *(np.quantile(finite_margins, [0.0, 0.05, 0.1, 0.2, 0.3]).tolist() if len(finite_margins) else [])}
+    for margin in sorted(tried):
+        threshold = _lowest_safe_threshold(
+            known_top, known_correct, known_margin >= margin, unseen_top, unseen_margin >= margin, **targets
+        )
+        if threshold is None:
+            continue
+        right = int(((known_top >= threshold) & (known_margin >= margin) & known_correct).sum())
+        if right and (best is None or (right, -threshold) > best[:2]):
+            best = (right, -threshold, margin)
+    notes = []
+    if best is None:
+        t_known, margin = float("inf"), 0.0
+        notes.append(
+            f"no threshold keeps wrong IDs within {max_wrong_id:.0%} and merges within {max_false_merge:.0%} on the "
+            "calibration data: nothing is decided known automatically; every match goes to review"
+        )
     else:
-        allowed = int(np.floor(max_false_merge * len(impostors)))
-        # Strictly above the (allowed+1)-th highest impostor score.
-        t_known = float(np.nextafter(impostors[len(impostors) - allowed - 1], np.inf))
+        t_known, margin = -best[1], best[2]
     ordered = np.sort(known_top)
     allowed_new = int(np.floor(max_false_new * len(ordered)))
     t_new = float(ordered[allowed_new]) if allowed_new < len(ordered) else float(ordered[-1])
     t_new = min(t_new, t_known)
-    return evaluate_thresholds(t_known, t_new, known_top, known_correct, unseen_top)
+    thresholds = evaluate_thresholds(
+        t_known,
+        t_new,
+        known_top,
+        known_correct,
+        unseen_top,
+        margin=margin,
+        known_margin=known_margin,
+        unseen_margin=unseen_margin,
+        notes=tuple(notes),
+        **targets,
+    )
+    return replace(thresholds, notes=(*thresholds.notes, *_support_notes(thresholds, min_decisions)))
+
+
+def _lowest_safe_threshold(
+    known_top: np.ndarray,
+    known_correct: np.ndarray,
+    known_eligible: np.ndarray,
+    unseen_top: np.ndarray,
+    unseen_eligible: np.ndarray,
+    *,
+    max_wrong_id: float,
+    max_false_new: float,
+    max_false_merge: float,
+) -> float | None:
+    """Return the lowest score threshold whose known decisions keep both error shares within target, or None.
+
+    Like a q-value: the share of wrong IDs is over all the IDs a threshold gives, so a
+    threshold is judged by what an analyst would receive with it.
+    """
+    scores = np.concatenate([known_top[known_eligible], unseen_top[unseen_eligible]])
+    wrong = np.concatenate([~known_correct[known_eligible], np.ones(int(unseen_eligible.sum()), bool)])
+    merge = np.concatenate([np.zeros(int(known_eligible.sum()), bool), np.ones(int(unseen_eligible.sum()), bool)])
+    keep = np.isfinite(scores)
+    scores, wrong, merge = scores[keep], wrong[keep], merge[keep]
+    if len(scores) == 0:
+        return None
+    order = np.argsort(-scores, kind="stable")
+    scores, wrong, merge = scores[order], wrong[order], merge[order]
+    decided = np.arange(1, len(scores) + 1)
+    wrong_share = np.cumsum(wrong) / decided
+    merged_share = np.cumsum(merge) / max(len(unseen_top), 1)
+    # Equal scores are decided together: a threshold sits after the last of a tie.
+    last_of_tie = np.append(scores[1:] != scores[:-1], True)
+    safe = np.flatnonzero(last_of_tie & (wrong_share <= max_wrong_id) & (merged_share <= max_false_merge))
+    if len(safe) == 0:
+        return None
+    lowest = safe[-1]
+    # Just above the next lower score, not at the lowest one decided: a right match a little below every
+    # calibration score is still taken, and nothing that broke the target is.
+    return float(np.nextafter(scores[lowest + 1], np.inf)) if lowest + 1 < len(scores) else float(scores[lowest])
+
+
+def _support_notes(thresholds: Thresholds, min_decisions: int) -> list[str]:
+    """Return a note for each error target that the number of calibration decisions cannot support."""
+    notes = []
+    for name, r in thresholds.rates().items():
+        if name == "wrong_id" and not thresholds.decides_known:
+            continue
+        if r["decisions"] < min_decisions or r["upper_bound"] > r["target"]:
+            notes.append(
+                f"{r['decisions']} calibration decisions: the {CONFIDENCE:.0%} upper bound on {name.replace('_', ' ')} "
+                f"is {r['upper_bound']:.0%}, {'above' if r['upper_bound'] > r['target'] else 'near'} the "
+                f"{r['target']:.0%} target; label more encounters (or calibrate on a larger labelled catalogue) to "
+                "support it"
+            )
+    return notes
 
 
 def evaluate_thresholds(
-    t_known: float, t_new: float, known_top: np.ndarray, known_correct: np.ndarray, unseen_top: np.ndarray
+    t_known: float,
+    t_new: float,
+    known_top: np.ndarray,
+    known_correct: np.ndarray,
+    unseen_top: np.ndarray,
+    *,
+    margin: float = 0.0,
+    known_margin: np.ndarray | None = None,
+    unseen_margin: np.ndarray | None = None,
+    notes: tuple[str, ...] = (),
+    **targets: float,
 ) -> Thresholds:
-    """Return `Thresholds` with the error rates they give on these held-out decisions."""
+    """Return `Thresholds` with the counts of errors and decisions they give on these held-out decisions."""
     known_top, unseen_top = np.asarray(known_top, dtype=float), np.asarray(unseen_top, dtype=float)
     known_correct = np.asarray(known_correct, dtype=bool)
-    n_all = len(known_top) + len(unseen_top)
-    review = int(
-        ((known_top >= t_new) & (known_top < t_known)).sum() + ((unseen_top >= t_new) & (unseen_top < t_known)).sum()
-    )
+    probe = Thresholds(t_known, t_new, margin)
+    known_decided = probe.decide(known_top, known_margin)
+    unseen_decided = probe.decide(unseen_top, unseen_margin)
     return Thresholds(
         known=t_known,
         new=t_new,
-        false_new_rate=float((known_top < t_new).mean()) if len(known_top) else float("nan"),
-        false_merge_rate=float((unseen_top >= t_known).mean()) if len(unseen_top) else float("nan"),
-        review_rate=review / n_all if n_all else float("nan"),
-        n_known_queries=len(known_top),
-        n_unseen_queries=len(unseen_top),
+        margin=margin,
+        wrong_ids=int(((known_decided == KNOWN) & ~known_correct).sum() + (unseen_decided == KNOWN).sum()),
+        known_decisions=int((known_decided == KNOWN).sum() + (unseen_decided == KNOWN).sum()),
+        false_new=int((known_decided == NEW).sum()),
+        known_queries=len(known_top),
+        false_merges=int((unseen_decided == KNOWN).sum()),
+        unseen_queries=len(unseen_top),
+        reviewed=int((known_decided == REVIEW).sum() + (unseen_decided == REVIEW).sum()),
+        notes=notes,
+        **targets,
     )
 
 
@@ -281,7 +465,11 @@ def decide(
     members = {e: np.flatnonzero(encounters == e) for e in encounter_order}
     pooled = {e: pool_encounter([per_query[i] for i in members[e]]) for e in encounter_order}
     top = {e: max(p.values()) if p else -np.inf for e, p in pooled.items()}
-    decided = dict(zip(encounter_order, thresholds.decide(np.array([top[e] for e in encounter_order])), strict=True))
+    lead = {e: _lead(p) for e, p in pooled.items()}
+    verdicts = thresholds.decide(
+        np.array([top[e] for e in encounter_order]), np.array([lead[e] for e in encounter_order])
+    )
+    decided = dict(zip(encounter_order, verdicts, strict=True))
     new_ids = provisional_ids(
         [e for e in encounter_order if decided[e] == NEW], members, sides, thresholds.known, new_prefix, similarity
     )
@@ -303,6 +491,7 @@ def decide(
                     "assigned_id": assigned,
                     "top_individual": ranked[0][0] if ranked else "",
                     "top_score": ranked[0][1] if ranked else float("nan"),
+                    "margin": lead[e],
                 }
             )
             for rank, (individual, score) in enumerate(ranked[:top_n], start=1):
@@ -324,6 +513,14 @@ def decide(
     return MatchResult(
         matches=typed_table(match_rows, MATCH_COLUMNS), decisions=typed_table(decision_rows, DECISION_COLUMNS)
     )
+
+
+def _lead(pooled: Mapping[str, float]) -> float:
+    """Return the top individual's lead over the runner-up (inf when there is none; NaN when nothing was found)."""
+    if not pooled:
+        return float("nan")
+    ordered = sorted(pooled.values(), reverse=True)
+    return ordered[0] - ordered[1] if len(ordered) > 1 else float("inf")
 
 
 def identified_captures(queries: pd.DataFrame, decisions: pd.DataFrame) -> pd.DataFrame:

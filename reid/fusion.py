@@ -32,8 +32,11 @@ log = logging.getLogger(__name__)
 
 ScoreMethod = Literal["embedding", "keypoints", "fused"]
 FusionRule = Literal["mean", "log_odds"]
-CalibrationMethod = Literal["logistic", "isotonic"]
-DEFAULT_CALIBRATION: CalibrationMethod = "isotonic"
+CalibrationMethod = Literal["logistic", "isotonic", "auto"]
+DEFAULT_CALIBRATION: CalibrationMethod = "auto"
+MIN_ISOTONIC_PAIRS = 200
+"""`auto` fits isotonic only when both kinds of pair number at least this many: on fewer, its steps make
+plateaus where dozens of different candidates share one probability; a logistic curve stays smooth."""
 """Isotonic: the keypoint score is step-shaped (no correspondences, then many), which a logistic curve fits badly."""
 SCORE_METHODS: tuple[str, ...] = ("embedding", "keypoints", "fused")
 _EPS = 1e-6  # isotonic calibrations reach 0 and 1 exactly; log-odds need a finite value
@@ -48,7 +51,7 @@ class Calibration:
     `isotonic` assumes no shape but flattens the ranking inside each step.
     """
 
-    method: CalibrationMethod
+    method: Literal["logistic", "isotonic"]
     log_scale: bool = False
     """Whether the raw score is a count fitted as log(1 + count)."""
     coef: float = 0.0
@@ -86,6 +89,9 @@ def fit_calibration(
             f"{n_different}; label more individuals with several pictures each"
         )
     x = _transform(scores, log_scale)
+    if method == "auto":
+        method = "isotonic" if min(n_same, n_different) >= MIN_ISOTONIC_PAIRS else "logistic"
+        log.info("score calibration: %s (%d same, %d different pairs)", method, n_same, n_different)
     if method == "logistic":
         # Standardised for the solver, then folded back into one slope and intercept.
         mean, std = float(x.mean()), float(x.std()) or 1.0
@@ -122,7 +128,7 @@ def fit_calibration(
             n_same=n_same,
             n_different=n_different,
         )
-    raise ReidError(f"calibration method {method!r} is not one of logistic, isotonic")
+    raise ReidError(f"calibration method {method!r} is not one of auto, logistic, isotonic")
 
 
 @dataclass

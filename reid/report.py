@@ -17,6 +17,7 @@ from jinja2 import Environment
 from PIL import Image
 
 from reid.catalogue import BBOX_COLUMNS
+from reid.decisions import Thresholds
 from reid.errors import Problem
 from reid.files import atomic_write
 from reid.images import ImageReadError, read_image
@@ -43,16 +44,20 @@ figure.evidence { max-width: {{ 3 * thumb_px }}px; } figure.evidence img { max-w
 </style></head><body>
 <h1>{{ title }}</h1>
 <p>{{ summary }}</p>
-{% if thresholds %}<p>Scores: {{ score_label }}. Decision thresholds: known if score &ge; {{ "%.3f"|format(thresholds.known) }},
-new if score &lt; {{ "%.3f"|format(thresholds.new) }}, review in between.
-{% if thresholds.n_known_queries %}Measured on held-out data: false "new" {{ "%.1f"|format(100 * thresholds.false_new_rate) }}%,
-false merge {{ "%.1f"|format(100 * thresholds.false_merge_rate) }}%, review {{ "%.1f"|format(100 * thresholds.review_rate) }}%.{% endif %}</p>{% endif %}
-{% if counts %}<h2>Minimum number of individuals</h2>
+{% if thresholds %}<h2>How far the decisions can be trusted</h2>
+<p>Scores: {{ score_label }}. {% if thresholds.decides_known %}Known if score &ge; {{ "%.3f"|format(thresholds.known) }}{% if thresholds.margin > 0 %} and it leads the runner-up by &ge; {{ "%.3f"|format(thresholds.margin) }}{% endif %}{% else %}<b class="warn">Nothing is decided known automatically</b>{% endif %};
+new if score &lt; {{ "%.3f"|format(thresholds.new) }}; review in between.</p>
+{% if rates %}<table class="summary"><tr><th>error (measured on held-out labelled data)</th><th>rate</th><th>errors / decisions</th><th>95 % upper bound</th><th>target</th></tr>
+{% for name, r in rates.items() %}<tr><td>{{ name }}</td><td>{{ "%.1f"|format(100 * r.rate) if r.decisions else "—" }} %</td><td>{{ r.errors }} / {{ r.decisions }}</td>
+<td class="{{ 'warn' if r.upper_bound > r.target else '' }}">{{ "%.1f"|format(100 * r.upper_bound) }} %</td><td>{{ "%.0f"|format(100 * r.target) }} %</td></tr>{% endfor %}</table>{% endif %}
+{% for note in thresholds.notes %}<p class="warn">{{ note }}</p>{% endfor %}{% endif %}
+{% if counts %}<h2>Number of individuals</h2>
+{% if count_note %}<p>{{ count_note }}</p>{% endif %}
 <table class="summary"><tr>{% for c in counts[0].keys() %}<th>{{ c }}</th>{% endfor %}</tr>
 {% for row in counts %}<tr>{% for v in row.values() %}<td>{{ v }}</td>{% endfor %}</tr>{% endfor %}</table>{% endif %}
 <h2>Encounters ({{ encounters|length }})</h2>
 {% for e in encounters %}<div class="encounter" id="{{ e.anchor }}">
-<p><span class="badge {{ e.decision }}">{{ e.decision }}</span> <b>{{ e.assigned or "—" }}</b>
+<p><span class="badge {{ e.decision }}">{{ e.decision }}</span> <b>{{ e.assigned or "—" }}</b>{% if e.margin is not none %} &nbsp; lead over the runner-up {{ "%.3f"|format(e.margin) }}{% endif %}
 &nbsp; encounter {{ e.encounter_id }} &middot; {{ e.queries|length }} picture(s) &middot; {{ e.sides_searched }}</p>
 <div class="row">{% for q in e.queries %}<figure><img src="{{ q.thumb }}" alt="query {{ q.name }}"><figcaption>{{ q.name }}</figcaption></figure>{% endfor %}
 <span class="arrow">&rarr;</span>
@@ -75,7 +80,8 @@ def write_report(
     gallery_entries: pd.DataFrame,
     *,
     counts: pd.DataFrame | None = None,
-    thresholds: Any = None,
+    thresholds: Thresholds | None = None,
+    count_note: str = "",
     problems: Sequence[Problem] = (),
     title: str = "leopard-reid matches",
     summary: str = "",
@@ -107,6 +113,7 @@ def write_report(
                 "decision": first["decision"],
                 "assigned": first["assigned_id"],
                 "sides_searched": first["sides_searched"],
+                "margin": float(first["margin"]) if np.isfinite(first.get("margin", np.nan)) else None,
                 "queries": [
                     {"name": Path(str(q)).name, "thumb": thumbs.of(query_rows.loc[q], f"q{n}_{k}")}
                     for k, q in enumerate(group["query"])
@@ -136,6 +143,8 @@ def write_report(
             title=title,
             summary=summary,
             thresholds=thresholds,
+            rates={k.replace("_", " "): v for k, v in thresholds.rates().items()} if thresholds else {},
+            count_note=count_note,
             counts=_records(counts),
             encounters=encounters,
             problems=[str(p) for p in problems],

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 
 from reid.catalogue import build_catalogue
-from reid.census import count_individuals
+from reid.census import count_bounds, count_individuals
 
 
 def _captures(rows: list[tuple]) -> pd.DataFrame:
@@ -115,3 +115,49 @@ def test_unknown_individuals_are_not_counted() -> None:
     extra, _ = build_catalogue([dict(image_path="/x/u.jpg", side="left")])
     counts = count_individuals(pd.concat([table, extra], ignore_index=True))
     assert _row(counts)["maximum"] == 1
+
+
+def test_count_bounds_count_decided_animals_and_only_what_hard_evidence_keeps_apart() -> None:
+    decided = _captures(
+        [
+            ("A", "left", "e1", "S1", "2021-01-01T00:00Z", "female", "KZ"),
+            ("A", "right", "e2", "S1", "2021-01-02T00:00Z", "female", "KZ"),
+            ("B", "left", "e3", "S2", "2021-01-03T00:00Z", None, "KZ"),
+            ("C", "right", "e4", "S3", "2021-01-04T00:00Z", None, "TM"),
+        ]
+    )
+    # Unresolved: u1 is a male seen at S4 while B was at S2 (not A: other sex; not B: elsewhere at that time; but
+    # C?  nothing says no). u2 has no evidence at all. u3 is a male at S5 the moment C was at S3: not C, not A,
+    # but possibly B or u1.
+    unresolved = _captures(
+        [
+            (None, "left", "u1", "S4", "2021-01-03T00:01Z", "male", "KZ"),
+            (None, "right", "u2", "S1", "2021-02-01T00:00Z", None, "KZ"),
+            (None, "left", "u3", "S5", "2021-01-04T00:02Z", "male", "TM"),
+        ]
+    )
+    unresolved["image_path"] = unresolved["image_path"].str.replace("/x/", "/card/")  # other pictures
+    table = count_bounds(decided, unresolved, by=("country",))
+    combined = table.iloc[0]
+    # Decided: A both flanks, B left-only, C right-only, B and C may be one animal: 1 + 2 - 1 = 2. No unresolved
+    # encounter is kept apart from every counted animal (u1 could be C, u3 could be B), so the minimum stays 2;
+    # the maximum lets each be another animal: 3 + 3 = 6.
+    assert (combined["country"], combined["minimum"], combined["maximum"]) == ("all", 2, 6)
+    assert (combined["decided_individuals"], combined["awaiting_review"]) == (3, 3)
+    by_country = table.iloc[1:].set_index("country")
+    # KZ: A, B decided (B left-only): 2; u1 is neither A (sex) nor B (time and place): 2 + 1 = 3. At most 2 + 2.
+    assert by_country.loc["KZ", ["minimum", "maximum", "awaiting_review"]].tolist() == [3, 4, 2]
+    # TM: C decided; u3 was elsewhere when C was seen: 1 + 1 = 2, at most 1 + 1 = 2 (the interval is closed).
+    assert by_country.loc["TM", ["minimum", "maximum", "awaiting_review"]].tolist() == [2, 2, 1]
+
+
+def test_count_bounds_without_unresolved_encounters_equal_the_census() -> None:
+    decided = _captures(
+        [
+            ("A", "left", "e1", "S1", "2021-01-01T00:00Z", None, "KZ"),
+            ("B", "right", "e2", "S1", "2021-01-02T00:00Z", None, "KZ"),
+        ]
+    )
+    bounds = count_bounds(decided, decided.iloc[0:0], by=())
+    census = count_individuals(decided).iloc[0]
+    assert (bounds.iloc[0]["minimum"], bounds.iloc[0]["maximum"]) == (census["minimum"], census["maximum"]) == (1, 2)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from scipy.stats import binom
 
 from reid.decisions import (
     DECISION_COLUMNS,
@@ -15,6 +16,7 @@ from reid.decisions import (
     group_new_individuals,
     individual_scores,
     pool_encounter,
+    rate_upper_bound,
 )
 from reid.errors import ReidError
 
@@ -39,38 +41,72 @@ def test_thresholds_decide_three_ways() -> None:
         Thresholds(known=0.4, new=0.5)
 
 
-def test_calibration_meets_the_error_targets_on_hand_made_scores() -> None:
+def test_calibration_controls_wrong_ids_among_the_ids_given_on_hand_made_scores() -> None:
     known_top = np.array([0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.62, 0.55, 0.3])
     known_correct = np.array([True] * 9 + [False])
     unseen_top = np.array([0.72, 0.6, 0.5, 0.45, 0.4, 0.35, 0.3, 0.25, 0.2, 0.1])
-    t = calibrate(known_top, known_correct, unseen_top, max_false_merge=0.1, max_false_new=0.1)
-    # Impostors: 10 unseen + the wrong 0.3; one of 11 may pass, so "known" sits just above the second highest (0.6).
-    assert t.known == pytest.approx(0.6) and t.known > 0.6
+    t = calibrate(known_top, known_correct, unseen_top, max_wrong_id=0.1, max_false_merge=0.1, max_false_new=0.1)
+    # From the top: 0.95 .. 0.75 are five right IDs; the unseen 0.72 would make 1 wrong of 6 (17 %), and no lower
+    # threshold gets back under 10 % (0.62: 1 of 9; 0.6: 2 of 10): "known" sits just above 0.72.
+    assert t.known == pytest.approx(0.72) and t.known > 0.72 and t.margin == 0.0
     # One of 10 known queries may be called new: "new" is the second lowest known score, 0.55.
-    # 0.62 of the known queries lies in the review band.
     assert t.new == pytest.approx(0.55)
-    assert t.false_new_rate == pytest.approx(0.1)
-    assert t.false_merge_rate == pytest.approx(0.1)  # 0.72 of the unseen
-    assert t.n_known_queries == 10 and t.n_unseen_queries == 10
+    assert (t.wrong_ids, t.known_decisions) == (0, 5)
+    assert (t.false_new, t.known_queries) == (1, 10)  # the 0.3
+    assert (t.false_merges, t.unseen_queries) == (0, 10)
+    assert t.reviewed == 4 + 2  # known 0.7, 0.65, 0.62, 0.55; unseen 0.72, 0.6
+    rates = t.rates()
+    assert rates["wrong_id"]["upper_bound"] == pytest.approx(1 - 0.05 ** (1 / 5))  # 0 of 5: 45 %
+    # 5 decisions cannot support a 10 % target, and the thresholds say so.
+    assert any("5 calibration decisions" in note and "wrong id" in note for note in t.notes)
 
 
-def test_separable_scores_need_no_review_and_overlapping_ones_all_go_to_review() -> None:
+def test_a_margin_over_the_runner_up_is_used_where_it_lets_more_right_ids_through() -> None:
+    # Two confident wrong IDs score high but barely lead their runner-up; the right ones lead clearly.
+    known_top = np.array([0.95, 0.9, 0.88, 0.85, 0.8])
+    known_correct = np.array([False, True, False, True, True])
+    known_margin = np.array([0.01, 0.3, 0.02, 0.25, 0.2])
+    unseen_top, unseen_margin = np.array([0.5, 0.4]), np.array([0.05, 0.1])
+    plain = calibrate(known_top, known_correct, unseen_top, max_wrong_id=0.1, max_false_merge=0.1)
+    assert not plain.decides_known and "nothing is decided known" in plain.notes[0]
     t = calibrate(
-        np.array([0.9, 0.95]), np.array([True, True]), np.array([0.5, 0.6]), max_false_merge=0.0, max_false_new=0.0
+        known_top,
+        known_correct,
+        unseen_top,
+        known_margin=known_margin,
+        unseen_margin=unseen_margin,
+        max_wrong_id=0.1,
+        max_false_merge=0.1,
     )
-    assert t.new == t.known and 0.6 < t.known <= 0.9
-    assert (t.false_new_rate, t.false_merge_rate, t.review_rate) == (0.0, 0.0, 0.0)
-    t = calibrate(
-        np.array([0.5, 0.6]), np.array([True, True]), np.array([0.9, 0.95]), max_false_merge=0.0, max_false_new=0.0
-    )
-    assert (t.false_new_rate, t.false_merge_rate, t.review_rate) == (0.0, 0.0, 1.0)
+    assert t.margin == pytest.approx(0.2) and t.known == pytest.approx(0.8)
+    assert (t.wrong_ids, t.known_decisions) == (0, 3)
+    assert t.decide(np.array([0.95, 0.95]), np.array([0.01, 0.5])).tolist() == ["review", "known"]
+
+
+def test_no_threshold_meeting_the_targets_decides_nothing_known() -> None:
+    t = calibrate(np.array([0.5, 0.6]), np.array([True, True]), np.array([0.9, 0.95]), max_false_merge=0.0)
+    assert not t.decides_known and t.decide(np.array([1e9])).tolist() == ["review"]
+    assert Thresholds.from_json(t.to_json()) == t  # an infinite threshold survives JSON
+
+
+@pytest.mark.parametrize(("errors", "decisions"), [(0, 1), (0, 44), (1, 44), (3, 50), (20, 350), (49, 50)])
+def test_error_bounds_are_exact_clopper_pearson(errors: int, decisions: int) -> None:
+    # The upper bound p solves P(X <= errors | decisions, p) = 5 %: found here by bisection on the binomial CDF.
+    low, high = errors / decisions, 1.0
+    for _ in range(60):
+        mid = (low + high) / 2
+        low, high = (mid, high) if binom.cdf(errors, decisions, mid) > 0.05 else (low, mid)
+    assert rate_upper_bound(errors, decisions) == pytest.approx(high, abs=1e-9)
+    assert rate_upper_bound(0, 0) == 1.0 and rate_upper_bound(5, 5) == 1.0
 
 
 def test_thresholds_round_trip_through_json() -> None:
-    t = Thresholds(known=0.8, new=0.5, false_new_rate=0.1, false_merge_rate=0.02, review_rate=0.3, n_known_queries=5)
+    t = Thresholds(known=0.8, new=0.5, margin=0.1, wrong_ids=2, known_decisions=40, notes=("a note",))
     assert Thresholds.from_json(t.to_json()) == t
     with pytest.raises(ReidError, match="run calibration again"):
         Thresholds.from_json("{")
+    with pytest.raises(ReidError, match="calibrate` again"):
+        Thresholds.from_json('{"known": 0.8, "new": 0.5, "false_merge_rate": 0.02}')
 
 
 def _queries(encounters: list[str], sides: list[str]) -> pd.DataFrame:

@@ -37,10 +37,10 @@ def _entry_point(name: str) -> ModuleType:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A labels CSV of 4 individuals (both flanks, 3 encounters each) and a tiny exported embedder."""
+    """A labels CSV of 5 individuals (both flanks, 3 encounters each) and a tiny exported embedder."""
     root = tmp_path_factory.mktemp("entry")
     (root / "images").mkdir()
-    table = write_flank_catalogue(root / "images", n_individuals=4)
+    table = write_flank_catalogue(root / "images", n_individuals=5)
     labels = table[["image_path", "individual_id", "side", "encounter_id", "timestamp", "station"]].copy()
     labels["bbox_x"], labels["bbox_y"], labels["bbox_w"], labels["bbox_h"] = (
         table["bbox_x"],
@@ -102,7 +102,7 @@ def test_every_infer_and_share_mode_runs_from_its_config(world: dict[str, Path],
     small = ["scoring.shortlist=20", "keypoints.max_side_px=128", "k=10", f"embedder={world['embedder']}"]
 
     built = _run(infer, _compose("infer", world, "build", "mode=build", *data, *small))
-    assert Gallery.load(gallery).entries["individual_id"].nunique() == 4 and built.problems == []  # type: ignore[attr-defined]
+    assert Gallery.load(gallery).entries["individual_id"].nunique() == 5 and built.problems == []  # type: ignore[attr-defined]
 
     calibrated = _run(infer, _compose("infer", world, "calibrate", "mode=calibrate", *small))
     stored = Gallery.load(gallery)
@@ -117,7 +117,7 @@ def test_every_infer_and_share_mode_runs_from_its_config(world: dict[str, Path],
 
     counted = _run(infer, _compose("infer", world, "count", "mode=count", *data))
     counts = json.loads(counted.files["counts"].read_text())  # type: ignore[attr-defined]
-    assert counts[0]["country"] == "all" and counts[0]["minimum"] == counts[0]["maximum"] == 4
+    assert counts[0]["country"] == "all" and counts[0]["minimum"] == counts[0]["maximum"] == 5
 
     local = [f"gallery={gallery}", "organisation='Kazakh team'", "namespace=KZ", f"embedder={world['embedder']}"]
     assert (world["root"] / "calibrate" / "config.yaml").exists() is False  # main() writes it; MODES does not
@@ -148,10 +148,10 @@ def test_every_infer_and_share_mode_runs_from_its_config(world: dict[str, Path],
             *confirm,
         ),
     )
-    assert len(pd.read_csv(aliases)) == 4
+    assert len(pd.read_csv(aliases)) == 5
     merged = _run(share, _compose("share", world, "count", "mode=count", *confirm))
     combined = json.loads(merged.files["counts"].read_text())[0]  # type: ignore[attr-defined]
-    assert (combined["minimum"], combined["maximum"]) == (4, 4)  # every animal aliased: counted once
+    assert (combined["minimum"], combined["maximum"]) == (5, 5)  # every animal aliased: counted once
     histories = _run(share, _compose("share", world, "histories", "mode=capture_histories", *local))
     assert histories.files["multimark"].is_file()  # type: ignore[attr-defined]
     package = _run(share, _compose("share", world, "camtrap", "mode=camtrap_dp", *local))

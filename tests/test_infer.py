@@ -18,6 +18,7 @@ from PIL import Image
 
 from reid.catalogue import build_catalogue
 from reid.decisions import Thresholds
+from reid.errors import ReidError
 from reid.evidence import EVIDENCE_DIR
 from reid.fusion import ScoreFusion
 from reid.gallery import Gallery, GalleryError
@@ -132,12 +133,13 @@ def test_end_to_end_decisions_and_counts_match_the_truth(tmp_path: Path, embedde
     new_ids = by_encounter.loc[["q4", "q5", "q6"], "assigned_id"].tolist()
     assert new_ids[0] == new_ids[1] != new_ids[2] and all(i.startswith("KZ-NEW-") for i in new_ids)
 
-    # Truth: A is known from both flanks; B, E left-only; C, F right-only. B and F were seen 30 s apart at
-    # different stations, so they are two animals; still B-C and E-F can pair: minimum 1 + 4 - 2 = 3, maximum 5.
+    # Decided: A (both flanks known from the gallery), B left-only, C right-only: B and C may be one animal, so
+    # at least 1 + 2 - 1 = 2. The three new encounters (q4, q5, q6) are unresolved: F (q6) was at S1 30 s after B
+    # at S2, so it is not B, but it could be A or C: no addition. At most 3 + 3 = 6. The truth, 5, lies inside.
     counts = json.loads(outcome.files["counts"].read_text())
-    assert (counts["combined"]["minimum"], counts["combined"]["maximum"]) == (3, 5)
-    assert counts["combined"]["n_both"] == 1
-    assert set(counts["individuals"]) == {"KZ-A", "KZ-B", "KZ-C", *new_ids}
+    assert (counts["combined"]["minimum"], counts["combined"]["maximum"]) == (2, 6)
+    assert counts["awaiting_review"] == 3 and counts["combined"]["decided_individuals"] == 3
+    assert set(counts["individuals"]) == {"KZ-A", "KZ-B", "KZ-C"} and set(counts["provisional_new"]) == set(new_ids)
     assert len(truth_queries["individual_id"].unique()) == 5  # the truth lies within the bounds
 
     matches = pd.read_csv(outcome.files["matches"])
@@ -265,3 +267,41 @@ def test_infer_py_demo_runs_from_the_command_line(tmp_path: Path) -> None:
     assert "UNTRAINED" in done.stdout + done.stderr  # Hydra logs to stdout
     evaluation = json.loads((out / "evaluation.json").read_text())
     assert evaluation["truth"]["true_individuals_in_queries"] >= 1
+
+
+def test_a_gallery_of_one_photo_per_individual_still_matches_and_sends_everything_to_review(
+    tmp_path: Path, embedder
+) -> None:
+    plan = [(f"KZ-{i}", "left", f"g{i}", "S1", f"2021-01-0{i + 1}", 1) for i in range(4)]
+    gallery, _ = build_gallery(_table(tmp_path / "g", plan), embedder, tmp_path / "gallery", progress=False)
+    with pytest.raises(
+        ReidError, match=r"at least 5 labelled individuals seen in two or more encounters; these data have 0"
+    ):
+        calibrate_gallery(gallery, tmp_path / "gallery", progress=False)
+    queries = _table(tmp_path / "q", [("KZ-1", "left", "q1", "S1", "2021-05-01", 2)])
+    result, outcome = match(queries, embedder, Gallery.load(tmp_path / "gallery"), tmp_path / "run", progress=False)
+    assert set(result.decisions["decision"]) == {"review"}
+    assert (result.matches["rank"] == 1).sum() == 2  # ranked candidates all the same
+    assert any("not calibrated" in p.message and "every capture goes to review" in p.message for p in outcome.problems)
+    counts = json.loads(outcome.files["counts"].read_text())
+    # Nothing decided, one encounter awaiting review: it is at least one animal, and at most one.
+    assert (counts["combined"]["minimum"], counts["combined"]["maximum"], counts["awaiting_review"]) == (1, 1, 1)
+
+
+def test_match_with_no_readable_capture_lists_them_and_finishes(tmp_path: Path, embedder) -> None:
+    gallery, _ = build_gallery(
+        _table(tmp_path / "g", [("KZ-A", "left", "g1", "S1", "2021-01-01", 1)]),
+        embedder,
+        tmp_path / "gallery",
+        progress=False,
+    )
+    broken = tmp_path / "q" / "broken.jpg"
+    broken.parent.mkdir()
+    broken.write_bytes(b"not an image")
+    queries, _ = build_catalogue([dict(image_path=str(broken), side="left")])
+    for run, table in (("all-broken", queries), ("empty", queries.iloc[0:0])):
+        result, outcome = match(
+            table, embedder, gallery, tmp_path / run, thresholds=Thresholds(0.9, 0.5), progress=False
+        )
+        assert set(result.decisions["decision"]) <= {"unreadable"} and outcome.files["report"].is_file()
+        assert len(pd.read_csv(outcome.files["decisions"])) == len(table)

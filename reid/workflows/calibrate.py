@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from reid.catalogue import SEARCHED_SIDES
 from reid.decisions import Thresholds, calibrate, decide
 from reid.errors import Problem, ReidError
 from reid.files import write_csv
@@ -37,18 +38,22 @@ class CalibrationSettings:
     """How scores and thresholds are calibrated (`calibration:` in conf/infer.yaml)."""
 
     method: CalibrationMethod = DEFAULT_CALIBRATION
-    """isotonic | logistic: how a raw score becomes P(same individual)."""
+    """auto | isotonic | logistic: how a raw score becomes P(same individual) (auto: isotonic on many pairs)."""
+    max_wrong_id: float = 0.05
+    """Of the IDs the software gives (known decisions), the share that may be wrong."""
     max_false_merge: float = 0.05
-    """Of new animals (and wrong top candidates) that may be given a known ID."""
+    """Of new animals, the share that may be given a known ID."""
     max_false_new: float = 0.05
-    """Of known animals that may be called new."""
+    """Of known animals, the share that may be called new."""
     unseen_fraction: float = 0.3
-    """Of labelled individuals held out as 'new' in the calibration split."""
+    """Of labelled individuals held out as 'new' in the split that calibrates the matchers' scores."""
     test_fraction: float = 0.3
-    """Of labelled encounters held out as queries."""
+    """Of labelled encounters held out as queries in that split."""
     k: int = 50
     """Gallery entries retrieved per query before scores are pooled per individual (embedding scoring)."""
     seed: int = 0
+    min_individuals: int = 5
+    """Labelled individuals seen in two or more encounters needed to calibrate at all."""
 
 
 def calibrate_thresholds(
@@ -72,6 +77,7 @@ def calibrate_thresholds(
     labelled, embeddings = labelled[keep].reset_index(drop=True), embeddings[keep]
     if features is not None:
         features = [f for f, kept in zip(features, keep, strict=True) if kept]
+    _check_enough_labels(labelled, settings.min_individuals)
     seed = settings.seed
     if fusion.uses_keypoints:
         if features is None or keypoint_config is None:
@@ -84,18 +90,24 @@ def calibrate_thresholds(
         if fusion.method == "fused":
             fusion.embedding = fit_calibration(pairs["cosine"].to_numpy(), same, method=settings.method)
         seed += 1
-    per_encounter = _decisions_left_out(
-        labelled, embeddings, features, keypoint_config, fusion, settings, seed, progress
+    per_encounter = _cross_validated_decisions(
+        labelled, embeddings, features, keypoint_config, fusion, settings, progress
     )
+    known = (per_encounter["role"] == "known").to_numpy()
     top = per_encounter["top_score"].fillna(-np.inf).to_numpy()
-    known = per_encounter["in_gallery"].to_numpy()
+    margin = per_encounter["margin"].to_numpy()
     thresholds = calibrate(
         top[known],
         per_encounter["top_correct"].to_numpy()[known],
         top[~known],
+        known_margin=margin[known],
+        unseen_margin=margin[~known],
+        max_wrong_id=settings.max_wrong_id,
         max_false_merge=settings.max_false_merge,
         max_false_new=settings.max_false_new,
     )
+    for note in thresholds.notes:
+        log.warning("calibration: %s", note)
     return thresholds, per_encounter, fusion
 
 
@@ -227,61 +239,82 @@ def _shortlist_pairs(
     )
 
 
-def _decisions_left_out(
+def _check_enough_labels(labelled: pd.DataFrame, min_individuals: int) -> None:
+    """Refuse to calibrate on too few individuals seen twice: its error rates would promise nothing."""
+    encounters = labelled["encounter_id"].fillna("row:" + labelled["annotation_id"])
+    seen_twice = int((encounters.groupby(labelled["individual_id"]).nunique() >= 2).sum())
+    if seen_twice < min_individuals:
+        raise ReidError(
+            f"calibration needs at least {min_individuals} labelled individuals seen in two or more encounters; "
+            f"these data have {seen_twice}. Match without calibration (every capture goes to review), or calibrate "
+            "on a larger labelled catalogue, e.g. a partner's: `python infer.py mode=calibrate calibrate_on=data "
+            "data=labels_csv data.source.path=partner/labels.csv`"
+        )
+
+
+def _cross_validated_decisions(
     labelled: pd.DataFrame,
     embeddings: np.ndarray,
     features: list[Features] | None,
     keypoint_config: KeypointConfig | None,
     fusion: ScoreFusion,
     settings: CalibrationSettings,
-    seed: int,
     progress: bool,
 ) -> pd.DataFrame:
-    """Return one row per query encounter of an open-set split: truth, whether enrolled, top candidate and score.
+    """Return two rows per labelled encounter, one per role, with its truth, top candidate, score and margin.
 
-    Each query is searched against every labelled picture but its own encounter (an
-    enrolled animal seen again) or, for the split's unseen individuals, its own
-    individual (a new animal). The gallery is then as large as the one the
-    thresholds will face: an impostor's best score grows with the number of
-    animals enrolled, and a reference half the size promised a tenth of the
-    false merges the full gallery then made.
+    Every encounter is a query twice, against every other labelled picture: as an
+    enrolled animal seen again ("known": only its own encounter left out, where its
+    individual has another same-side picture) and as a new animal ("unseen": its
+    whole individual left out). The reference is then as large as the gallery the
+    thresholds will face: an impostor's best score grows with the number of animals
+    enrolled, and a reference half the size once promised a tenth of the false merges
+    the full gallery then made.
     """
-    reference, queries = _open_set_split(labelled, settings, seed)
     gallery = _in_memory_gallery(labelled, embeddings, np.ones(len(labelled), dtype=bool))
     if fusion.uses_keypoints:
         assert features is not None and keypoint_config is not None
-        scorer = FusedScorer(
-            fusion, embeddings[queries], _subset(features, queries), features, keypoint_config, progress=progress
-        )
+        scorer = FusedScorer(fusion, embeddings, features, features, keypoint_config, progress=progress)
     else:
-        scorer = FusedScorer(fusion, embeddings[queries], progress=progress)
-    asked = labelled[queries].reset_index(drop=True)
-    enrolled = set(labelled.loc[reference, "individual_id"])
-    unseen = ~asked["individual_id"].isin(enrolled).to_numpy()
+        scorer = FusedScorer(fusion, embeddings, progress=progress)
     encounters = labelled["encounter_id"].fillna("row:" + labelled["annotation_id"]).to_numpy(dtype=object)
-    own_encounter = encounters[queries]
     individuals = labelled["individual_id"].to_numpy(dtype=object)
-    own_individual = asked["individual_id"].to_numpy(dtype=object).copy()
-    own_individual[~unseen] = None  # an enrolled animal keeps its other encounters in the gallery
+    queries = labelled.assign(encounter_id=pd.array(encounters, dtype="string")).reset_index(drop=True)
+    sides = queries["side"].fillna("unknown").to_numpy(dtype=object)
 
-    def left_out(rows: np.ndarray) -> np.ndarray:
-        safe = np.clip(rows, 0, None)
-        return np.asarray((encounters[safe] == own_encounter[:, None]) | (individuals[safe] == own_individual[:, None]))
+    def own_encounter(rows: np.ndarray) -> np.ndarray:
+        return np.asarray(encounters[np.clip(rows, 0, None)] == encounters[:, None])
 
-    sides = asked["side"].fillna("unknown").to_numpy(dtype=object)
-    scores, rows = scored_candidates(gallery, embeddings[queries], sides, scorer, k=settings.k, exclude=left_out)
-    # Thresholds that decide nothing: every encounter keeps its raw top score, and no new IDs are grouped.
-    result = decide(
-        asked,
-        scores,
-        rows,
-        gallery.entries["individual_id"].to_numpy(dtype=object),
-        gallery.entries["annotation_id"].to_numpy(dtype=object),
-        UNCALIBRATED,
-    )
-    per_encounter = result.decisions.drop_duplicates("encounter_id").merge(
-        labelled[["annotation_id", "individual_id"]], left_on="query", right_on="annotation_id"
-    )
-    per_encounter["in_gallery"] = per_encounter["individual_id"].isin(enrolled)
-    per_encounter["top_correct"] = per_encounter["top_individual"] == per_encounter["individual_id"]
-    return per_encounter[["encounter_id", "individual_id", "in_gallery", "top_individual", "top_score", "top_correct"]]
+    scores, rows = scored_candidates(gallery, embeddings, sides, scorer, k=settings.k, exclude=own_encounter)
+    own_individual = (rows >= 0) & (individuals[np.clip(rows, 0, None)] == individuals[:, None])
+    entry_ids = gallery.entries["individual_id"].to_numpy(dtype=object)
+    entry_annotations = gallery.entries["annotation_id"].to_numpy(dtype=object)
+    roles = []
+    for role, role_scores, role_rows in (
+        ("known", scores, rows),
+        ("unseen", np.where(own_individual, -np.inf, scores), np.where(own_individual, -1, rows)),
+    ):
+        result = decide(queries, role_scores, role_rows, entry_ids, entry_annotations, UNCALIBRATED)
+        per_encounter = result.decisions.drop_duplicates("encounter_id").reset_index(drop=True)
+        truth = pd.Series(individuals, index=queries["annotation_id"]).loc[per_encounter["query"]].to_numpy()
+        per_encounter["individual_id"] = truth
+        per_encounter["role"] = role
+        if role == "known":
+            # Only where the individual has another picture of a side this query searches (found or not).
+            findable = pd.Series(_has_other_picture(queries), index=queries["annotation_id"])
+            per_encounter = per_encounter[findable.loc[per_encounter["query"]].to_numpy()]
+        roles.append(per_encounter)
+    table = pd.concat(roles, ignore_index=True)
+    table["top_correct"] = table["top_individual"] == table["individual_id"]
+    return table[["encounter_id", "individual_id", "role", "top_individual", "top_score", "margin", "top_correct"]]
+
+
+def _has_other_picture(queries: pd.DataFrame) -> np.ndarray:
+    """Return, per row, whether its individual has a picture of a searched side in another encounter."""
+    sides = queries["side"].fillna("unknown").to_numpy(dtype=object)
+    encounters = queries["encounter_id"].to_numpy(dtype=object)
+    found = np.zeros(len(queries), dtype=bool)
+    for group in queries.groupby("individual_id").indices.values():
+        for i in group:
+            found[i] = any(encounters[j] != encounters[i] and sides[j] in SEARCHED_SIDES[sides[i]] for j in group)
+    return found

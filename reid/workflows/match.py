@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from reid.census import count_table
+from reid.census import count_bounds
 from reid.decisions import (
     DECISION_COLUMNS,
     KNOWN,
@@ -176,6 +177,7 @@ def match(
                 "calibration_data=...)",
             )
         )
+    outcome.problems += [Problem("gallery", "thresholds", note) for note in thresholds.notes]
     queries = queries.reset_index(drop=True)
     embedded = embed_images(embedder, queries, progress=progress)
     outcome.problems += embedded.problems
@@ -209,22 +211,8 @@ def match(
     decisions = typed_table(pd.concat([result.decisions, unreadable], ignore_index=True), DECISION_COLUMNS)
     matches = typed_table(pd.concat([result.matches, unreadable], ignore_index=True), MATCH_COLUMNS)
 
-    captures = identified_captures(readable, result.decisions)
-    table = count_table(captures, by=count_by, period=period, known_sides=gallery.entries)
-    n_review = int((result.decisions["decision"] == REVIEW).sum())
-    combined = table.iloc[0].drop(["individuals", *count_by, "period"], errors="ignore").to_dict()
-    counts_doc = {
-        "note": "minimum = both-flank individuals + max(left-only, right-only), tightened by exclusions; "
-        "maximum = all individuals. Captures awaiting review are not counted.",
-        "captures": len(queries),
-        "unreadable": len(failed),
-        "awaiting_review": n_review,
-        "combined": combined,
-        "groups": table.iloc[1:].to_dict("records"),
-        "individuals": {
-            str(i): sorted(rows["image_path"].astype(str)) for i, rows in captures.groupby("individual_id")
-        },
-    }
+    table, counts_doc = _counts(readable, result.decisions, gallery.entries, thresholds, count_by, period)
+    counts_doc = {"captures": len(queries), "unreadable": len(failed), **counts_doc}
     outcome.files["matches"] = write_csv(matches, out_dir / "matches.csv")
     outcome.files["decisions"] = write_csv(decisions, out_dir / "decisions.csv")
     with atomic_write(out_dir / "counts.json") as f:
@@ -248,6 +236,7 @@ def match(
         readable,
         gallery.entries,
         counts=table.drop(columns="individuals"),
+        count_note=counts_doc["note"],
         thresholds=thresholds,
         problems=outcome.problems,
         summary=summary,
@@ -287,3 +276,53 @@ def run_match(
         progress=progress,
     )
     return outcome
+
+
+def _counts(
+    queries: pd.DataFrame,
+    decisions: pd.DataFrame,
+    gallery_entries: pd.DataFrame,
+    thresholds: Thresholds,
+    count_by: tuple[str, ...],
+    period: str | None,
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Return the count bounds per group (combined first) and counts.json's content."""
+    identified = identified_captures(queries, decisions)
+    known_ids = set(decisions.loc[decisions["decision"] == KNOWN, "assigned_id"])
+    decided = identified[identified["individual_id"].isin(known_ids)]
+    open_rows = decisions["decision"].isin([REVIEW, NEW]).to_numpy()
+    unresolved = queries[queries["annotation_id"].isin(set(decisions.loc[open_rows, "query"]))]
+    unresolved = unresolved.assign(
+        encounter_id=pd.array(
+            decisions.set_index("query").loc[unresolved["annotation_id"], "encounter_id"].to_numpy(), dtype="string"
+        )
+    )
+    table = count_bounds(decided, unresolved, by=count_by, period=period, known_sides=gallery_entries)
+    combined = table.iloc[0]
+    n_open = int(combined["awaiting_review"])
+    note = (
+        f"At least {combined['minimum']} and at most {combined['maximum']} individuals, if the {len(known_ids)} "
+        f"known IDs are right ({thresholds.summary()}). "
+        + (
+            f"{n_open} encounters await a person (to review or provisionally new): each could be a known animal or "
+            "another one; identifying them narrows the interval."
+            if n_open
+            else "Every encounter is identified."
+        )
+    )
+    provisional = identified[~identified["individual_id"].isin(known_ids)]
+    doc = {
+        "note": note,
+        "rule": "minimum = decided individuals (both-flank + max(left-only, right-only), tightened by exclusions) "
+        "+ unresolved encounters that hard evidence keeps apart from every counted animal; maximum = decided "
+        "individuals + every unresolved encounter",
+        "awaiting_review": n_open,
+        "combined": combined.drop(["individuals", *count_by, "period"], errors="ignore").to_dict(),
+        "groups": table.iloc[1:].to_dict("records"),
+        "thresholds": thresholds.rates(),
+        "individuals": {str(i): sorted(rows["image_path"].astype(str)) for i, rows in decided.groupby("individual_id")},
+        "provisional_new": {
+            str(i): sorted(rows["image_path"].astype(str)) for i, rows in provisional.groupby("individual_id")
+        },
+    }
+    return table, doc
