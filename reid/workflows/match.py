@@ -278,15 +278,15 @@ def run_match(
     return outcome
 
 
-def _counts(
+def decision_counts(
     queries: pd.DataFrame,
     decisions: pd.DataFrame,
-    gallery_entries: pd.DataFrame,
-    thresholds: Thresholds,
-    count_by: tuple[str, ...],
-    period: str | None,
-) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """Return the count bounds per group (combined first) and counts.json's content."""
+    *,
+    count_by: tuple[str, ...] = ("country",),
+    period: str | None = None,
+    known_sides: pd.DataFrame | None = None,
+) -> pd.DataFrame:
+    """Return the count bounds (`census.count_bounds`) of matched queries: known decisions are decided, the rest open."""
     identified = identified_captures(queries, decisions)
     known_ids = set(decisions.loc[decisions["decision"] == KNOWN, "assigned_id"])
     decided = identified[identified["individual_id"].isin(known_ids)]
@@ -297,7 +297,22 @@ def _counts(
             decisions.set_index("query").loc[unresolved["annotation_id"], "encounter_id"].to_numpy(), dtype="string"
         )
     )
-    table = count_bounds(decided, unresolved, by=count_by, period=period, known_sides=gallery_entries)
+    return count_bounds(decided, unresolved, by=count_by, period=period, known_sides=known_sides)
+
+
+def _counts(
+    queries: pd.DataFrame,
+    decisions: pd.DataFrame,
+    gallery_entries: pd.DataFrame,
+    thresholds: Thresholds,
+    count_by: tuple[str, ...],
+    period: str | None,
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Return the count bounds per group (combined first) and counts.json's content."""
+    table = decision_counts(queries, decisions, count_by=count_by, period=period, known_sides=gallery_entries)
+    identified = identified_captures(queries, decisions)
+    known_ids = set(decisions.loc[decisions["decision"] == KNOWN, "assigned_id"])
+    decided = identified[identified["individual_id"].isin(known_ids)]
     combined = table.iloc[0]
     n_open = int(combined["awaiting_review"])
     note = (
