@@ -38,6 +38,7 @@ _EXPORTS = {
     "reid.metrics": ("evaluate_retrieval",),
     "reid.gallery": ("Gallery",),
     "reid.keypoints": ("KeypointConfig",),
+    "reid.matchers": ("LnbnnRanker", "create_matcher"),
     "reid.fusion": ("ScoreFusion", "fit_calibration"),
     "reid.decisions": ("Decision", "MatchResult", "Thresholds", "calibrate", "decide"),
     "reid.census": ("count_individuals", "count_table"),
@@ -65,6 +66,7 @@ if TYPE_CHECKING:
         load_source,
     )
     from reid.keypoints import KeypointConfig
+    from reid.matchers import LnbnnRanker, create_matcher
     from reid.metrics import evaluate_retrieval
     from reid.models import Embedder, create_embedder, embed_images, export_embedder, load_embedder
     from reid.sharing import export_catalogue, import_catalogue
