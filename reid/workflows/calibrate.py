@@ -26,9 +26,8 @@ from reid.gallery import Gallery, gallery_lock
 from reid.importers import Source, load_source
 from reid.keypoints import Features, KeypointConfig, extract_rows
 from reid.models import Embedder, embed_images, model_fingerprint
-from reid.splits import split_catalogue
 from reid.workflows.common import Outcome
-from reid.workflows.match import UNCALIBRATED, scored_candidates
+from reid.workflows.match import UNCALIBRATED
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +44,6 @@ class CalibrationSettings:
     """Of new animals, the share that may be given a known ID."""
     max_false_new: float = 0.05
     """Of known animals, the share that may be called new."""
-    unseen_fraction: float = 0.3
-    """Of labelled individuals held out as 'new' in the split that calibrates the matchers' scores."""
-    test_fraction: float = 0.3
-    """Of labelled encounters held out as queries in that split."""
     k: int = 50
     """Gallery entries retrieved per query before scores are pooled per individual (embedding scoring)."""
     seed: int = 0
@@ -78,21 +73,13 @@ def calibrate_thresholds(
     if features is not None:
         features = [f for f, kept in zip(features, keep, strict=True) if kept]
     _check_enough_labels(labelled, settings.min_individuals)
-    seed = settings.seed
-    if fusion.uses_keypoints:
-        if features is None or keypoint_config is None:
-            raise ReidError(
-                f"score method {fusion.method} needs keypoint features: build the gallery with keypoints enabled"
-            )
-        pairs = _shortlist_pairs(labelled, embeddings, features, keypoint_config, fusion, settings, seed, progress)
-        same = pairs["same"].to_numpy()
-        fusion.keypoints = fit_calibration(pairs["inliers"].to_numpy(), same, method=settings.method, log_scale=True)
-        if fusion.method == "fused":
-            fusion.embedding = fit_calibration(pairs["cosine"].to_numpy(), same, method=settings.method)
-        seed += 1
-    per_encounter = _cross_validated_decisions(
-        labelled, embeddings, features, keypoint_config, fusion, settings, progress
-    )
+    if fusion.uses_keypoints and (features is None or keypoint_config is None):
+        raise ReidError(
+            f"score method {fusion.method} needs keypoint features: build the gallery with keypoints enabled"
+        )
+    candidates = _candidates(labelled, embeddings, features, keypoint_config, fusion, settings, progress)
+    fusion = _fitted(fusion, candidates, np.ones(len(labelled), dtype=bool), settings)
+    per_encounter = _cross_fitted_decisions(labelled, candidates, fusion, settings)
     known = (per_encounter["role"] == "known").to_numpy()
     top = per_encounter["top_score"].fillna(-np.inf).to_numpy()
     margin = per_encounter["margin"].to_numpy()
@@ -181,62 +168,11 @@ def run_calibrate(
     )
 
 
-def _open_set_split(labelled: pd.DataFrame, settings: CalibrationSettings, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Return (reference, query) masks of an open-set split of labelled rows."""
-    split = split_catalogue(
-        labelled, "open_set", test_fraction=settings.test_fraction, unseen_fraction=settings.unseen_fraction, seed=seed
-    )
-    reference, queries = (split == "train").to_numpy(), (split == "test").to_numpy()
-    if not reference.any() or not queries.any():
-        raise ReidError("calibration needs labelled individuals with several encounters; add more labelled data")
-    return reference, queries
-
-
 def _in_memory_gallery(labelled: pd.DataFrame, embeddings: np.ndarray, rows: np.ndarray) -> Gallery:
     gallery = Gallery.empty("calibration", embeddings.shape[1])
     # Annotation IDs serve as content keys: no file is hashed.
     gallery.add(labelled[rows], embeddings[rows], list(labelled.loc[rows, "annotation_id"]))
     return gallery
-
-
-def _subset(features: list[Features] | None, mask: np.ndarray) -> list[Features] | None:
-    return None if features is None else [f for f, m in zip(features, mask, strict=True) if m]
-
-
-def _shortlist_pairs(
-    labelled: pd.DataFrame,
-    embeddings: np.ndarray,
-    features: list[Features],
-    keypoint_config: KeypointConfig,
-    fusion: ScoreFusion,
-    settings: CalibrationSettings,
-    seed: int,
-    progress: bool,
-) -> pd.DataFrame:
-    """Return the (query, shortlisted gallery entry) pairs of an open-set split with cosine, inliers and same."""
-    reference, queries = _open_set_split(labelled, settings, seed)
-    gallery = _in_memory_gallery(labelled, embeddings, reference)
-    scorer = FusedScorer(
-        ScoreFusion("keypoints", fusion.shortlist),
-        embeddings[queries],
-        _subset(features, queries),
-        _subset(features, reference),
-        keypoint_config,
-        progress=progress,
-    )
-    sides = labelled.loc[queries, "side"].fillna("unknown").to_numpy(dtype=object)
-    cosine, rows = gallery.search(embeddings[queries], sides, fusion.shortlist)
-    inliers = scorer.rescore(cosine, rows)
-    valid = rows >= 0
-    query_ids = labelled.loc[queries, "individual_id"].to_numpy(dtype=object)
-    gallery_ids = gallery.entries["individual_id"].to_numpy(dtype=object)
-    return pd.DataFrame(
-        {
-            "cosine": cosine[valid],
-            "inliers": inliers[valid],
-            "same": (gallery_ids[rows[valid]] == np.broadcast_to(query_ids[:, None], rows.shape)[valid]),
-        }
-    )
 
 
 def _check_enough_labels(labelled: pd.DataFrame, min_individuals: int) -> None:
@@ -252,63 +188,6 @@ def _check_enough_labels(labelled: pd.DataFrame, min_individuals: int) -> None:
         )
 
 
-def _cross_validated_decisions(
-    labelled: pd.DataFrame,
-    embeddings: np.ndarray,
-    features: list[Features] | None,
-    keypoint_config: KeypointConfig | None,
-    fusion: ScoreFusion,
-    settings: CalibrationSettings,
-    progress: bool,
-) -> pd.DataFrame:
-    """Return two rows per labelled encounter, one per role, with its truth, top candidate, score and margin.
-
-    Every encounter is a query twice, against every other labelled picture: as an
-    enrolled animal seen again ("known": only its own encounter left out, where its
-    individual has another same-side picture) and as a new animal ("unseen": its
-    whole individual left out). The reference is then as large as the gallery the
-    thresholds will face: an impostor's best score grows with the number of animals
-    enrolled, and a reference half the size once promised a tenth of the false merges
-    the full gallery then made.
-    """
-    gallery = _in_memory_gallery(labelled, embeddings, np.ones(len(labelled), dtype=bool))
-    if fusion.uses_keypoints:
-        assert features is not None and keypoint_config is not None
-        scorer = FusedScorer(fusion, embeddings, features, features, keypoint_config, progress=progress)
-    else:
-        scorer = FusedScorer(fusion, embeddings, progress=progress)
-    encounters = labelled["encounter_id"].fillna("row:" + labelled["annotation_id"]).to_numpy(dtype=object)
-    individuals = labelled["individual_id"].to_numpy(dtype=object)
-    queries = labelled.assign(encounter_id=pd.array(encounters, dtype="string")).reset_index(drop=True)
-    sides = queries["side"].fillna("unknown").to_numpy(dtype=object)
-
-    def own_encounter(rows: np.ndarray) -> np.ndarray:
-        return np.asarray(encounters[np.clip(rows, 0, None)] == encounters[:, None])
-
-    scores, rows = scored_candidates(gallery, embeddings, sides, scorer, k=settings.k, exclude=own_encounter)
-    own_individual = (rows >= 0) & (individuals[np.clip(rows, 0, None)] == individuals[:, None])
-    entry_ids = gallery.entries["individual_id"].to_numpy(dtype=object)
-    entry_annotations = gallery.entries["annotation_id"].to_numpy(dtype=object)
-    roles = []
-    for role, role_scores, role_rows in (
-        ("known", scores, rows),
-        ("unseen", np.where(own_individual, -np.inf, scores), np.where(own_individual, -1, rows)),
-    ):
-        result = decide(queries, role_scores, role_rows, entry_ids, entry_annotations, UNCALIBRATED)
-        per_encounter = result.decisions.drop_duplicates("encounter_id").reset_index(drop=True)
-        truth = pd.Series(individuals, index=queries["annotation_id"]).loc[per_encounter["query"]].to_numpy()
-        per_encounter["individual_id"] = truth
-        per_encounter["role"] = role
-        if role == "known":
-            # Only where the individual has another picture of a side this query searches (found or not).
-            findable = pd.Series(_has_other_picture(queries), index=queries["annotation_id"])
-            per_encounter = per_encounter[findable.loc[per_encounter["query"]].to_numpy()]
-        roles.append(per_encounter)
-    table = pd.concat(roles, ignore_index=True)
-    table["top_correct"] = table["top_individual"] == table["individual_id"]
-    return table[["encounter_id", "individual_id", "role", "top_individual", "top_score", "margin", "top_correct"]]
-
-
 def _has_other_picture(queries: pd.DataFrame) -> np.ndarray:
     """Return, per row, whether its individual has a picture of a searched side in another encounter."""
     sides = queries["side"].fillna("unknown").to_numpy(dtype=object)
@@ -318,3 +197,121 @@ def _has_other_picture(queries: pd.DataFrame) -> np.ndarray:
         for i in group:
             found[i] = any(encounters[j] != encounters[i] and sides[j] in SEARCHED_SIDES[sides[i]] for j in group)
     return found
+
+
+@dataclass
+class _Candidates:
+    """Every labelled picture's same-side shortlist, its own encounter left out, with raw scores."""
+
+    rows: np.ndarray
+    """(N, K) gallery rows (the labelled rows themselves), -1 where there is none."""
+    cosine: np.ndarray
+    """(N, K) embedding similarities."""
+    inliers: np.ndarray | None
+    """(N, K) verified keypoint correspondences, None without keypoints."""
+    same: np.ndarray
+    """(N, K) whether the candidate is the picture's own individual."""
+
+
+def _candidates(
+    labelled: pd.DataFrame,
+    embeddings: np.ndarray,
+    features: list[Features] | None,
+    keypoint_config: KeypointConfig | None,
+    fusion: ScoreFusion,
+    settings: CalibrationSettings,
+    progress: bool,
+) -> _Candidates:
+    """Search every labelled picture against all the others but its own encounter; keep the raw scores."""
+    gallery = _in_memory_gallery(labelled, embeddings, np.ones(len(labelled), dtype=bool))
+    encounters = labelled["encounter_id"].fillna("row:" + labelled["annotation_id"]).to_numpy(dtype=object)
+    sides = labelled["side"].fillna("unknown").to_numpy(dtype=object)
+    depth = fusion.shortlist if fusion.uses_keypoints else settings.k
+    cosine, rows = gallery.search(embeddings, sides, depth)
+    rows = np.where((rows >= 0) & (encounters[np.clip(rows, 0, None)] == encounters[:, None]), -1, rows)
+    cosine = np.where(rows >= 0, cosine, -np.inf)
+    inliers = None
+    if fusion.uses_keypoints:
+        assert features is not None and keypoint_config is not None
+        raw = FusedScorer(
+            ScoreFusion("keypoints", fusion.shortlist),
+            embeddings,
+            features,
+            features,
+            keypoint_config,
+            progress=progress,
+        )
+        inliers = raw.rescore(cosine, rows)  # uncalibrated: the raw counts
+    individuals = labelled["individual_id"].to_numpy(dtype=object)
+    same = (rows >= 0) & (individuals[np.clip(rows, 0, None)] == individuals[:, None])
+    return _Candidates(rows, cosine, inliers, same)
+
+
+def _fitted(
+    fusion: ScoreFusion, candidates: _Candidates, queries: np.ndarray, settings: CalibrationSettings
+) -> ScoreFusion:
+    """Return `fusion` with its matchers' calibrations fitted on the shortlisted pairs of the `queries` rows."""
+    fitted = ScoreFusion(fusion.method, fusion.shortlist, fusion.rule)
+    if not fusion.uses_keypoints:
+        return fitted
+    assert candidates.inliers is not None
+    valid = (candidates.rows >= 0) & queries[:, None]
+    same = candidates.same[valid]
+    fitted.keypoints = fit_calibration(candidates.inliers[valid], same, method=settings.method, log_scale=True)
+    if fusion.method == "fused":
+        fitted.embedding = fit_calibration(candidates.cosine[valid], same, method=settings.method)
+    return fitted
+
+
+def _cross_fitted_decisions(
+    labelled: pd.DataFrame, candidates: _Candidates, fusion: ScoreFusion, settings: CalibrationSettings
+) -> pd.DataFrame:
+    """Return two rows per labelled encounter, one per role, with its truth, top candidate, score and margin.
+
+    Every encounter is a query twice, against every other labelled picture: as an
+    enrolled animal seen again ("known": only its own encounter left out, where its
+    individual has another same-side picture) and as a new animal ("unseen": its
+    whole individual left out). The reference is then as large as the gallery the
+    thresholds will face: an impostor's best score grows with the number of animals
+    enrolled. The scores are cross-fitted: a picture's candidates are scored with
+    matcher calibrations fitted on the other half of the individuals, so the
+    thresholds are not chosen on scores calibrated on the same pairs (in-sample,
+    isotonic steps separate them too well and promise fewer wrong IDs than come).
+    """
+    individuals = labelled["individual_id"].to_numpy(dtype=object)
+    scores = candidates.cosine.copy()
+    if fusion.uses_keypoints:
+        names = np.array(sorted(set(individuals)), dtype=object)
+        half = np.random.default_rng(settings.seed).permutation(len(names)) % 2
+        fold = dict(zip(names, half, strict=True))
+        in_fold = np.array([fold[i] for i in individuals])
+        for k in (0, 1):
+            fitted = _fitted(fusion, candidates, in_fold != k, settings)
+            rows = in_fold == k
+            scores[rows] = fitted.combine(candidates.cosine[rows], candidates.inliers[rows])  # type: ignore[index]
+    encounters = labelled["encounter_id"].fillna("row:" + labelled["annotation_id"]).astype("string")
+    queries = labelled.assign(encounter_id=encounters).reset_index(drop=True)
+    gallery_ids = labelled["individual_id"].to_numpy(dtype=object)
+    annotations = labelled["annotation_id"].to_numpy(dtype=object)
+    roles = []
+    for role, role_scores, role_rows in (
+        ("known", scores, candidates.rows),
+        (
+            "unseen",
+            np.where(candidates.same, -np.inf, scores),
+            np.where(candidates.same, -1, candidates.rows),
+        ),
+    ):
+        # Thresholds that decide nothing: every encounter keeps its raw top score, and no new IDs are grouped.
+        result = decide(queries, role_scores, role_rows, gallery_ids, annotations, UNCALIBRATED)
+        per_encounter = result.decisions.drop_duplicates("encounter_id").reset_index(drop=True)
+        position = pd.Series(np.arange(len(queries)), index=queries["annotation_id"]).loc[per_encounter["query"]]
+        per_encounter["individual_id"] = individuals[position.to_numpy()]
+        per_encounter["role"] = role
+        if role == "known":
+            # Only where the individual has another picture of a side this query searches (found or not).
+            per_encounter = per_encounter[_has_other_picture(queries)[position.to_numpy()]]
+        roles.append(per_encounter)
+    table = pd.concat(roles, ignore_index=True)
+    table["top_correct"] = table["top_individual"] == table["individual_id"]
+    return table[["encounter_id", "individual_id", "role", "top_individual", "top_score", "margin", "top_correct"]]
