@@ -17,6 +17,7 @@ from reid.models import (
     create_embedder,
     embed_images,
     export_embedder,
+    find_embedder,
     load_embedder,
     model_fingerprint,
 )
@@ -149,3 +150,17 @@ def test_part_pooling_keeps_a_grid_of_the_feature_map(tmp_path) -> None:
     loaded = load_embedder(export_embedder(model.eval(), tmp_path / "embedder"))
     with torch.no_grad():
         assert torch.equal(model(x), loaded(x))
+
+
+def test_without_a_trained_embedder_work_is_refused_unless_untrained_is_asked_for(tmp_path) -> None:
+    runs = tmp_path / "outputs" / "train"
+    with pytest.raises(ReidError, match=r"no trained embedder under .*run `python train.py` first.*embedder=untrained"):
+        find_embedder(None, runs, tmp_path / "scratch")
+    # Asked for by name, or by a demo: an untrained network, with a warning.
+    assert find_embedder("untrained", runs, tmp_path / "a").embedding_dim == 128
+    assert find_embedder(None, runs, tmp_path / "b", fallback_untrained=True).embedding_dim == 128
+    # The newest exported run wins over any fallback.
+    torch.manual_seed(3)
+    trained = export_embedder(create_embedder("resnet18", 32, img_size=64), runs / "2026-01-01" / "embedder")
+    found = find_embedder(None, runs, tmp_path / "c", fallback_untrained=True)
+    assert model_fingerprint(found) == model_fingerprint(load_embedder(trained))
