@@ -28,7 +28,7 @@ def _share(tmp_path: Path, run: str, *overrides: str) -> subprocess.CompletedPro
 
 @pytest.mark.slow
 def test_share_py_demo_and_every_mode(tmp_path: Path) -> None:
-    done = _share(tmp_path, "demo", "demo.population.n_individuals=16")
+    done = _share(tmp_path, "demo", "demo.population.config.n_individuals=16")
     assert done.returncode == 0, done.stderr[-3000:]
     demo = tmp_path / "demo"
     check = json.loads((demo / "truth_check.json").read_text())

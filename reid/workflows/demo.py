@@ -18,9 +18,9 @@ import pandas as pd
 
 from reid.aliases import CONFIRM_COLUMN, confirm_aliases, merged_catalogue, merged_counts
 from reid.census import count_individuals
-from reid.decisions import KNOWN, NEW, UNREADABLE
+from reid.decisions import KNOWN, NEW, UNREADABLE, Thresholds
 from reid.ecology import write_camtrap_dp, write_capture_histories
-from reid.errors import ReidError
+from reid.errors import Problem, ReidError
 from reid.files import atomic_write, write_csv
 from reid.fusion import ScoreFusion
 from reid.gallery import Gallery
@@ -104,9 +104,13 @@ def run_infer_demo(
         reference, embedder, gallery_dir, index_kind=index_kind, keypoints=keypoints, progress=progress
     )
     problems += more
-    thresholds, _, more = calibrate_gallery(
-        gallery, gallery_dir, fusion=fusion, settings=calibration, progress=progress
-    )
+    thresholds: Thresholds | None = None
+    try:
+        thresholds, _, more = calibrate_gallery(
+            gallery, gallery_dir, fusion=fusion, settings=calibration, progress=progress
+        )
+    except ReidError as err:  # a population too small to calibrate still matches: everything goes to review
+        more = [Problem(str(gallery_dir), "calibration", str(err))]
     result, outcome = match(
         queries,
         embedder,
@@ -121,10 +125,21 @@ def run_infer_demo(
         import_problems=problems + more,
         progress=progress,
     )
-    counts = json.loads(outcome.files["counts"].read_text())["combined"]
-    truth = evaluate_against_truth(result.decisions, queries, set(gallery.entries["individual_id"]), counts)
+    counts = json.loads(outcome.files["counts"].read_text())
+    truth = evaluate_against_truth(result.decisions, queries, set(gallery.entries["individual_id"]), counts["combined"])
+    # The count interval must hold the truth overall and in every group (country), whatever was decided.
+    per_group = queries.groupby(list(count_by))["individual_id"].nunique() if count_by else pd.Series(dtype=int)
+    truth["count_holds_truth_everywhere"] = truth["count_minimum"] <= truth["true_individuals_in_queries"] <= truth[
+        "count_maximum"
+    ] and all(
+        group["minimum"]
+        <= per_group.get(tuple(group[c] for c in count_by) if len(count_by) > 1 else group[count_by[0]], 0)
+        <= group["maximum"]
+        for group in counts["groups"]
+    )
     with atomic_write(run_dir / "evaluation.json") as f:
-        json.dump({"scoring": gallery.fusion.method, "thresholds": asdict(thresholds), "truth": truth}, f, indent=2)
+        used = asdict(thresholds) if thresholds is not None else None
+        json.dump({"scoring": gallery.fusion.method, "thresholds": used, "truth": truth}, f, indent=2)
     outcome.files["evaluation"] = run_dir / "evaluation.json"
     outcome.files["gallery"] = gallery_dir
     outcome.summary = {"truth check": truth}
