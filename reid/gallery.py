@@ -97,6 +97,8 @@ class Gallery:
     """Further named files stored with the gallery (keypoint features, calibration)."""
     _indexes: dict[str, tuple[EmbeddingIndex, np.ndarray]] = field(default_factory=dict, repr=False)
     _origin: tuple[str, str] | None = field(default=None, repr=False, compare=False)
+    _decoded_keypoints: tuple[bytes, StoredKeypoints] | None = field(default=None, repr=False, compare=False)
+    """keypoints.npz decoded once: (the bytes it was decoded from, the features)."""
     """(resolved folder, version) this gallery was loaded from or last saved as; None for a new gallery."""
 
     @classmethod
@@ -139,13 +141,16 @@ class Gallery:
         data = self.extra_files.get(KEYPOINTS_FILE)
         if data is None:
             return None
+        if self._decoded_keypoints is not None and self._decoded_keypoints[0] is data:
+            return self._decoded_keypoints[1]
         features, config = features_from_bytes(data)
         if len(features) != len(self):
             raise GalleryError(
                 f"the gallery's {KEYPOINTS_FILE} has features of {len(features)} entries, but it has {len(self)}; "
                 "rebuild the gallery (`python infer.py mode=build`)"
             )
-        return StoredKeypoints(features, config)
+        self._decoded_keypoints = (data, StoredKeypoints(features, config))
+        return self._decoded_keypoints[1]
 
     @keypoints.setter
     def keypoints(self, value: StoredKeypoints) -> None:

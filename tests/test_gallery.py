@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 
 from reid.catalogue import build_catalogue
-from reid.gallery import CURRENT_FILE, Gallery, GalleryError, read_manifest
+from reid.gallery import CURRENT_FILE, Gallery, GalleryError, StoredKeypoints, read_manifest
+from reid.keypoints import Features, KeypointConfig
 
 
 def _unit(rng: np.random.Generator, n: int, dim: int = 16) -> np.ndarray:
@@ -158,3 +159,18 @@ def test_approximate_indexes_find_most_true_neighbours(kind: str) -> None:
     recall = np.mean([len(set(r) & set(e)) / 10 for r, e in zip(rows, exact, strict=True)])
     assert recall > 0.8
     assert (rows[:, 0] == np.arange(50)).mean() > 0.9
+
+
+def test_stored_keypoints_are_decoded_once_and_again_after_a_change() -> None:
+    gallery = Gallery.empty("fp", 4)
+    gallery.add(
+        build_catalogue([dict(image_path="/x/a.jpg", individual_id="A", side="left")])[0],
+        np.eye(1, 4, dtype=np.float32),
+        ["h1"],
+    )
+    xy = np.zeros((2, 2), np.float32)
+    gallery.keypoints = StoredKeypoints([Features(xy, np.ones((2, 128), np.float32), (10, 20))], KeypointConfig())
+    first = gallery.keypoints
+    assert first is not None and gallery.keypoints is first  # one decode for every later use
+    gallery.keypoints = StoredKeypoints(first.features, KeypointConfig(max_features=100))
+    assert gallery.keypoints is not first and gallery.keypoints.config.max_features == 100

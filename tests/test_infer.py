@@ -305,3 +305,11 @@ def test_match_with_no_readable_capture_lists_them_and_finishes(tmp_path: Path, 
         )
         assert set(result.decisions["decision"]) <= {"unreadable"} and outcome.files["report"].is_file()
         assert len(pd.read_csv(outcome.files["decisions"])) == len(table)
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"), [("max_wrong_id", 1.5), ("max_false_new", -0.1), ("k", 0), ("min_individuals", 1)]
+)
+def test_calibration_settings_out_of_range_are_named(setting: str, value: float) -> None:
+    with pytest.raises(ReidError, match=rf"calibration\.{setting}="):
+        CalibrationSettings(**{setting: value})  # type: ignore[arg-type]

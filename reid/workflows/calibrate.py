@@ -1,11 +1,12 @@
 """Calibrate a gallery's scores and decision thresholds on labelled data (`infer.py mode=calibrate`).
 
-The labelled rows (the gallery's own entries, or another labelled catalogue) are
-split open-set: some individuals appear only among the held-out queries. Each
-matcher's raw score is first calibrated to P(same individual) on the shortlisted
-pairs of one split; the thresholds are then chosen on another split, with every
-held-out query searched against a reference as large as the real gallery, so
-neither step is judged on the data it was fitted to.
+Every labelled picture (the gallery's own entries, or another labelled catalogue)
+is searched once against all the others but its own encounter. Its shortlisted
+pairs fit each matcher's map from raw score to P(same individual) (the maps stored
+with the gallery); its encounter is then decided twice, as an enrolled animal seen
+again and as a new animal (its individual left out), with scores from maps fitted
+on the other half of the individuals, and the thresholds meet the error targets on
+those decisions.
 """
 
 from __future__ import annotations
@@ -49,6 +50,16 @@ class CalibrationSettings:
     seed: int = 0
     min_individuals: int = 5
     """Labelled individuals seen in two or more encounters needed to calibrate at all."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_wrong_id", "max_false_merge", "max_false_new"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or not 0.0 <= value < 1.0:
+                raise ReidError(f"calibration.{name}={value!r}: give a share from 0 to below 1, e.g. 0.05")
+        for name, least in (("k", 1), ("min_individuals", 2)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < least:
+                raise ReidError(f"calibration.{name}={value!r}: give a whole number of at least {least}")
 
 
 def calibrate_thresholds(
@@ -162,10 +173,18 @@ def run_calibrate(
         thresholds, scores, more = calibrate_gallery(
             gallery, gallery_dir, labelled=table, embedder=embedder, fusion=fusion, settings=settings, progress=progress
         )
-    log.info("%s", thresholds)
+    rates = {name.replace("_", " "): _stated(r) for name, r in thresholds.rates().items()}
     return Outcome(
-        {"gallery": Path(gallery_dir), "scores": write_csv(scores, Path(out_dir) / "calibration.csv")}, problems + more
+        {"gallery": Path(gallery_dir), "scores": write_csv(scores, Path(out_dir) / "calibration.csv")},
+        problems + more,
+        {"thresholds": {"known": thresholds.known, "new": thresholds.new, "margin": thresholds.margin, **rates}},
     )
+
+
+def _stated(rate: dict[str, float | int]) -> str:
+    if not rate["decisions"]:
+        return "no calibration decisions"
+    return f"{rate['rate']:.1%} ({rate['errors']}/{rate['decisions']}, 95% upper bound {rate['upper_bound']:.1%})"
 
 
 def _in_memory_gallery(labelled: pd.DataFrame, embeddings: np.ndarray, rows: np.ndarray) -> Gallery:

@@ -278,6 +278,22 @@ def run_match(
     return outcome
 
 
+def _decided_and_unresolved(queries: pd.DataFrame, decisions: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Return the captures decided known (individual_id = their ID) and the ones nobody has identified yet."""
+    known_ids = set(decisions.loc[decisions["decision"] == KNOWN, "assigned_id"])
+    identified = identified_captures(queries, decisions)
+    decided = identified[identified["individual_id"].isin(known_ids)]
+    open_rows = decisions["decision"].isin([REVIEW, NEW]).to_numpy()
+    unresolved = queries[queries["annotation_id"].isin(set(decisions.loc[open_rows, "query"]))]
+    # Provisional new IDs are not identities: the encounter stands for the animal until a person decides.
+    decided_as = decisions.set_index("query").loc[unresolved["annotation_id"]]
+    unresolved = unresolved.assign(
+        encounter_id=pd.array(decided_as["encounter_id"].to_numpy(), dtype="string"),
+        provisional_id=pd.array(decided_as["assigned_id"].to_numpy(), dtype="string"),
+    )
+    return decided, unresolved
+
+
 def decision_counts(
     queries: pd.DataFrame,
     decisions: pd.DataFrame,
@@ -287,16 +303,7 @@ def decision_counts(
     known_sides: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """Return the count bounds (`census.count_bounds`) of matched queries: known decisions are decided, the rest open."""
-    identified = identified_captures(queries, decisions)
-    known_ids = set(decisions.loc[decisions["decision"] == KNOWN, "assigned_id"])
-    decided = identified[identified["individual_id"].isin(known_ids)]
-    open_rows = decisions["decision"].isin([REVIEW, NEW]).to_numpy()
-    unresolved = queries[queries["annotation_id"].isin(set(decisions.loc[open_rows, "query"]))]
-    unresolved = unresolved.assign(
-        encounter_id=pd.array(
-            decisions.set_index("query").loc[unresolved["annotation_id"], "encounter_id"].to_numpy(), dtype="string"
-        )
-    )
+    decided, unresolved = _decided_and_unresolved(queries, decisions)
     return count_bounds(decided, unresolved, by=count_by, period=period, known_sides=known_sides)
 
 
@@ -309,15 +316,13 @@ def _counts(
     period: str | None,
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Return the count bounds per group (combined first) and counts.json's content."""
-    table = decision_counts(queries, decisions, count_by=count_by, period=period, known_sides=gallery_entries)
-    identified = identified_captures(queries, decisions)
-    known_ids = set(decisions.loc[decisions["decision"] == KNOWN, "assigned_id"])
-    decided = identified[identified["individual_id"].isin(known_ids)]
+    decided, unresolved = _decided_and_unresolved(queries, decisions)
+    table = count_bounds(decided, unresolved, by=count_by, period=period, known_sides=gallery_entries)
     combined = table.iloc[0]
     n_open = int(combined["awaiting_review"])
     note = (
-        f"At least {combined['minimum']} and at most {combined['maximum']} individuals, if the {len(known_ids)} "
-        f"known IDs are right ({thresholds.summary()}). "
+        f"At least {combined['minimum']} and at most {combined['maximum']} individuals, if the "
+        f"{decided['individual_id'].nunique()} known IDs are right ({thresholds.summary()}). "
         + (
             f"{n_open} encounters await a person (to review or provisionally new): each could be a known animal or "
             "another one; identifying them narrows the interval."
@@ -325,7 +330,7 @@ def _counts(
             else "Every encounter is identified."
         )
     )
-    provisional = identified[~identified["individual_id"].isin(known_ids)]
+    provisional = unresolved[unresolved["provisional_id"].fillna("") != ""]
     doc = {
         "note": note,
         "rule": "minimum = decided individuals (both-flank + max(left-only, right-only), tightened by exclusions) "
@@ -337,7 +342,7 @@ def _counts(
         "thresholds": thresholds.rates(),
         "individuals": {str(i): sorted(rows["image_path"].astype(str)) for i, rows in decided.groupby("individual_id")},
         "provisional_new": {
-            str(i): sorted(rows["image_path"].astype(str)) for i, rows in provisional.groupby("individual_id")
+            str(i): sorted(rows["image_path"].astype(str)) for i, rows in provisional.groupby("provisional_id")
         },
     }
     return table, doc
