@@ -5,6 +5,9 @@
     python infer.py mode=calibrate
     python infer.py mode=match data=megadetector data.source.results_json=card7/md.json
     python infer.py mode=count data=labels_csv data.source.path=kz/labels.csv
+    python infer.py mode=review                  # review the newest match in the browser
+    python infer.py mode=enrol                   # add what reviewers confirmed to the gallery
+    python infer.py mode=count count_from=review # counts of the newest match after its review
 
 Results go to outputs/infer/<date>_<time>/: matches.csv, decisions.csv, counts.json, report.html.
 """
@@ -51,6 +54,24 @@ def calibration_data(cfg: DictConfig) -> Any:
     return instantiate(cfg.data.source) if cfg.calibrate_on == "data" else None
 
 
+def count(cfg: DictConfig) -> Outcome:
+    """Count a labelled source, or a match run after its review (`count_from`)."""
+    if cfg.count_from == "review":
+        return workflows.run_recount(
+            runs_dir(cfg), cfg.review.run, cfg.paths.run_dir, count_by=tuple(cfg.count_by), period=cfg.period
+        )
+    if cfg.count_from != "data":
+        raise ReidError(f"count_from={cfg.count_from} is not one of data, review")
+    return workflows.run_count(
+        instantiate(cfg.data.source), cfg.paths.run_dir, count_by=tuple(cfg.count_by), period=cfg.period
+    )
+
+
+def runs_dir(cfg: DictConfig) -> Path:
+    """Return the folder of infer.py's runs, where mode=review, enrol and count find the newest match."""
+    return Path(cfg.paths.root) / "outputs" / "infer"
+
+
 MODES: dict[str, Callable[[DictConfig], Outcome]] = {
     "demo": lambda cfg: workflows.run_infer_demo(
         instantiate(cfg.demo.population),
@@ -80,6 +101,7 @@ MODES: dict[str, Callable[[DictConfig], Outcome]] = {
         labelled=calibration_data(cfg),
         fusion=instantiate(cfg.scoring),
         settings=instantiate(cfg.calibration),
+        keypoints=instantiate(cfg.keypoints),
         progress=cfg.progress,
     ),
     "match": lambda cfg: workflows.run_match(
@@ -87,12 +109,28 @@ MODES: dict[str, Callable[[DictConfig], Outcome]] = {
         embedder(cfg),
         cfg.gallery,
         cfg.paths.run_dir,
+        keypoints=instantiate(cfg.keypoints),
         progress=cfg.progress,
         **matching(cfg),
     ),
-    "count": lambda cfg: workflows.run_count(
-        instantiate(cfg.data.source), cfg.paths.run_dir, count_by=tuple(cfg.count_by), period=cfg.period
+    "review": lambda cfg: workflows.run_review(
+        runs_dir(cfg),
+        cfg.review.run,
+        host=cfg.review.host,
+        port=cfg.review.port,
+        open_browser=cfg.review.open_browser,
+        reviewer=cfg.review.reviewer,
     ),
+    "enrol": lambda cfg: workflows.run_enrol(
+        runs_dir(cfg),
+        cfg.review.run,
+        embedder(cfg),
+        cfg.paths.run_dir,
+        gallery_dir=cfg.review.gallery,
+        namespace=cfg.review.namespace,
+        progress=cfg.progress,
+    ),
+    "count": count,
 }
 
 

@@ -158,8 +158,14 @@ class Gallery:
             raise GalleryError(f"keypoint features of {len(value.features)} entries for a gallery of {len(self)}")
         self.extra_files[KEYPOINTS_FILE] = features_to_bytes(list(value.features), value.config)
 
-    def require_keypoints(self, fusion: ScoreFusion) -> StoredKeypoints | None:
-        """Return the stored keypoint features when `fusion` uses them (None when it does not); raise if missing."""
+    def require_keypoints(
+        self, fusion: ScoreFusion, configured: KeypointConfig | None = None
+    ) -> StoredKeypoints | None:
+        """Return the stored keypoint features when `fusion` uses them (None when it does not); raise if missing.
+
+        With `configured` (the run's keypoint settings), features made by another matcher are refused: scores of
+        one matcher are calibrated on its own scale, and its descriptors cannot be compared with another's.
+        """
         if not fusion.uses_keypoints:
             return None
         stored = self.keypoints
@@ -168,6 +174,7 @@ class Gallery:
                 f"score method {fusion.method} needs the gallery's keypoint features; rebuild the gallery with "
                 "keypoints enabled (`python infer.py mode=build keypoints.method=rootsift`)"
             )
+        check_same_matcher(stored.config, configured)
         return stored
 
     def add(self, entries: pd.DataFrame, embeddings: np.ndarray, content_hashes: list[str]) -> list[Problem]:
@@ -182,12 +189,11 @@ class Gallery:
                 f"embeddings must be ({len(entries)}, {self.dim}) for {len(entries)} entries, got {embeddings.shape}"
             )
         seen = {
-            _entry_key(h, row)
-            for h, (_, row) in zip(self.entries["content_hash"], self.entries.iterrows(), strict=True)
+            entry_key(h, row) for h, (_, row) in zip(self.entries["content_hash"], self.entries.iterrows(), strict=True)
         }
         keep, problems = [], []
         for i, (digest, (_, row)) in enumerate(zip(content_hashes, entries.iterrows(), strict=True)):
-            key = _entry_key(digest, row)
+            key = entry_key(digest, row)
             if key in seen:
                 problems.append(
                     Problem(
@@ -264,6 +270,16 @@ class Gallery:
     def version(self) -> str | None:
         """Return the version folder name this gallery was loaded from or last saved as, None for a new gallery."""
         return self._origin[1] if self._origin else None
+
+    @property
+    def folder(self) -> Path | None:
+        """Return the folder this gallery was loaded from or last saved in, None for a new gallery."""
+        return Path(self._origin[0]) if self._origin else None
+
+    @property
+    def identity(self) -> str:
+        """Return what every version of this gallery shares: when it was first built, and by which embedder."""
+        return f"{self.created}/{self.embedder_fingerprint[:12]}"
 
     def save(self, folder: str | Path, *, replace: bool = False) -> Path:
         """Write the gallery as a new version in `folder` and make it current; return the version folder.
@@ -406,6 +422,18 @@ class Gallery:
         )
 
 
+def check_same_matcher(stored: KeypointConfig, configured: KeypointConfig | None) -> None:
+    """Raise GalleryError when the run's keypoint matcher is not the one the gallery's features were made with."""
+    if configured is None or configured.method == stored.method:
+        return
+    raise GalleryError(
+        f"the gallery's keypoint features were made with keypoints.method={stored.method}, but this run sets "
+        f"keypoints.method={configured.method}; run with keypoints.method={stored.method} (or the matching preset "
+        f"that uses it), or build a new gallery with {configured.method} (`python infer.py mode=build "
+        "gallery=<new folder>`)"
+    )
+
+
 def current_version(folder: str | Path) -> str | None:
     """Return the name of the folder's current version, None when the folder holds no gallery.
 
@@ -502,7 +530,8 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def _entry_key(content_hash: str, row: pd.Series) -> str:
+def entry_key(content_hash: str, row: pd.Series) -> str:
+    """Return what makes a gallery entry unique: its image's content and its box."""
     # One image may hold two animals: the box is part of what makes an entry unique.
     box = [row[c] for c in BBOX_COLUMNS]
     where = "full" if any(pd.isna(v) for v in box) else ",".join(f"{float(v):g}" for v in box)
@@ -545,7 +574,7 @@ def _stored_entry_keys(version_dir: Path) -> set[str] | None:
     try:
         raw = pd.read_csv(version_dir / ENTRIES_FILE, dtype=str, keep_default_na=False)
         return {
-            _entry_key(row["content_hash"], row.replace("", np.nan))
+            entry_key(row["content_hash"], row.replace("", np.nan))
             for _, row in raw[["content_hash", *BBOX_COLUMNS]].iterrows()
         }
     except (OSError, ValueError, KeyError, pd.errors.ParserError, pd.errors.EmptyDataError):

@@ -63,8 +63,8 @@ new if score &lt; {{ "%.3f"|format(thresholds.new) }}; review in between.</p>
 <span class="arrow">&rarr;</span>
 {% for c in e.candidates %}<figure><img src="{{ c.thumb }}" alt="candidate {{ c.individual_id }}"><figcaption>#{{ c.rank }} <b>{{ c.individual_id }}</b><br>score {{ "%.3f"|format(c.score) }}</figcaption></figure>{% endfor %}
 {% if not e.candidates %}<span>no candidate of this side in the gallery</span>{% endif %}
-</div>{% if e.evidence %}<details><summary>verified keypoint correspondences ({{ e.queries[0].name }} vs each candidate)</summary>
-<div class="row">{% for c in e.evidence %}<figure class="evidence"><a href="{{ c.picture }}"><img src="{{ c.picture }}" alt="correspondences with {{ c.individual_id }}"></a><figcaption>#{{ c.rank }} {{ c.individual_id }}</figcaption></figure>{% endfor %}</div></details>{% endif %}
+</div>{% set shown = e.candidates|selectattr("evidence")|list %}{% if shown %}<details><summary>verified keypoint correspondences ({{ e.queries[0].name }} vs each candidate)</summary>
+<div class="row">{% for c in shown %}<figure class="evidence"><a href="{{ c.evidence }}"><img src="{{ c.evidence }}" alt="correspondences with {{ c.individual_id }}"></a><figcaption>#{{ c.rank }} {{ c.individual_id }}</figcaption></figure>{% endfor %}</div></details>{% endif %}
 </div>{% endfor %}
 {% if problems %}<h2 class="warn">Files that could not be used ({{ problems|length }})</h2>
 <ul>{% for p in problems %}<li>{{ p }}</li>{% endfor %}</ul>{% endif %}
@@ -74,10 +74,7 @@ new if score &lt; {{ "%.3f"|format(thresholds.new) }}; review in between.</p>
 
 def write_report(
     out_dir: str | Path,
-    decisions: pd.DataFrame,
-    matches: pd.DataFrame,
-    queries: pd.DataFrame,
-    gallery_entries: pd.DataFrame,
+    encounters: Sequence[Mapping[str, Any]],
     *,
     counts: pd.DataFrame | None = None,
     thresholds: Thresholds | None = None,
@@ -85,57 +82,9 @@ def write_report(
     problems: Sequence[Problem] = (),
     title: str = "leopard-reid matches",
     summary: str = "",
-    evidence: Mapping[tuple[str, int], str] | None = None,
     score_label: str = "embedding",
 ) -> Path:
-    """Write `report.html` and its thumbnails into `out_dir`; return the page's path.
-
-    `decisions` and `matches` are those of `reid.matching.match_captures`;
-    `queries` and `gallery_entries` are catalogue tables with the pictures.
-    `evidence` maps (query annotation, gallery row) to a picture of their keypoint
-    correspondences, relative to `out_dir`.
-    """
-    evidence = evidence or {}
-    out_dir = Path(out_dir)
-    (out_dir / THUMB_DIR).mkdir(parents=True, exist_ok=True)
-    problems = list(problems)
-    query_rows = queries.set_index("annotation_id")
-    thumbs = _Thumbnails(out_dir, problems)
-    by_query = matches.groupby("query", sort=False)
-    encounters = []
-    for n, (encounter_id, group) in enumerate(decisions.groupby("encounter_id", sort=False)):
-        first = group.iloc[0]
-        ranked = by_query.get_group(first["query"]) if first["query"] in by_query.groups else matches.iloc[0:0]
-        encounters.append(
-            {
-                "anchor": f"e{n}",
-                "encounter_id": encounter_id,
-                "decision": first["decision"],
-                "assigned": first["assigned_id"],
-                "sides_searched": first["sides_searched"],
-                "margin": float(first["margin"]) if np.isfinite(first.get("margin", np.nan)) else None,
-                "queries": [
-                    {"name": Path(str(q)).name, "thumb": thumbs.of(query_rows.loc[q], f"q{n}_{k}")}
-                    for k, q in enumerate(group["query"])
-                ],
-                "candidates": [
-                    {
-                        "rank": int(c["rank"]),
-                        "individual_id": c["individual_id"],
-                        "score": float(c["score"]),
-                        "thumb": thumbs.of(gallery_entries.iloc[int(c["gallery_row"])], f"g{int(c['gallery_row'])}")
-                        if int(c["gallery_row"]) >= 0
-                        else "",
-                    }
-                    for _, c in ranked.iterrows()
-                ],
-                "evidence": [
-                    {"rank": int(c["rank"]), "individual_id": c["individual_id"], "picture": picture}
-                    for _, c in ranked.iterrows()
-                    if (picture := evidence.get((str(first["query"]), int(c["gallery_row"]))))
-                ],
-            }
-        )
+    """Write `report.html` into `out_dir` for the cards of `encounter_cards`; return the page's path."""
     html = (
         Environment(autoescape=True)
         .from_string(_TEMPLATE)
@@ -152,10 +101,75 @@ def write_report(
             score_label=score_label,
         )
     )
-    path = out_dir / "report.html"
+    path = Path(out_dir) / "report.html"
     with atomic_write(path) as f:
         f.write(html)
     return path
+
+
+def encounter_cards(
+    out_dir: str | Path,
+    decisions: pd.DataFrame,
+    matches: pd.DataFrame,
+    queries: pd.DataFrame,
+    gallery_entries: pd.DataFrame,
+    *,
+    evidence: Mapping[tuple[str, int], str] | None = None,
+    problems: list[Problem] | None = None,
+) -> list[dict[str, Any]]:
+    """Return one card per encounter (what the report and the review page show), writing its thumbnails.
+
+    `decisions` and `matches` are those of `reid.decisions.decide`; `queries` and
+    `gallery_entries` are catalogue tables with the pictures. `evidence` maps
+    (query annotation, gallery row) to a picture of their keypoint correspondences.
+    Picture paths are relative to `out_dir`; cards hold only JSON values.
+    """
+    evidence = evidence or {}
+    out_dir = Path(out_dir)
+    (out_dir / THUMB_DIR).mkdir(parents=True, exist_ok=True)
+    thumbs = _Thumbnails(out_dir, problems if problems is not None else [])
+    query_rows = queries.set_index("annotation_id")
+    by_query = matches.groupby("query", sort=False)
+    cards = []
+    for n, (encounter_id, group) in enumerate(decisions.groupby("encounter_id", sort=False)):
+        first = group.iloc[0]
+        ranked = by_query.get_group(first["query"]) if first["query"] in by_query.groups else matches.iloc[0:0]
+        cards.append(
+            {
+                "anchor": f"e{n}",
+                "encounter_id": str(encounter_id),
+                "decision": str(first["decision"]),
+                "assigned": _json_value(first["assigned_id"]),
+                "reason": _json_value(first.get("reason")),
+                "top_score": _json_value(first.get("top_score")),
+                "sides_searched": _json_value(first["sides_searched"]),
+                "margin": _json_value(first.get("margin")),
+                "queries": [
+                    {
+                        "annotation_id": str(q),
+                        "name": Path(str(query_rows.loc[q, "image_path"])).name,
+                        "side": _json_value(query_rows.loc[q, "side"]),
+                        "station": _json_value(query_rows.loc[q, "station"]),
+                        "timestamp": _json_value(query_rows.loc[q, "timestamp"]),
+                        "thumb": thumbs.of(query_rows.loc[q], f"q{n}_{k}"),
+                    }
+                    for k, q in enumerate(group["query"])
+                ],
+                "candidates": [
+                    {
+                        "rank": int(c["rank"]),
+                        "individual_id": str(c["individual_id"]),
+                        "score": float(c["score"]),
+                        "thumb": thumbs.of(gallery_entries.iloc[int(c["gallery_row"])], f"g{int(c['gallery_row'])}")
+                        if int(c["gallery_row"]) >= 0
+                        else "",
+                        "evidence": evidence.get((str(first["query"]), int(c["gallery_row"])), ""),
+                    }
+                    for _, c in ranked.iterrows()
+                ],
+            }
+        )
+    return cards
 
 
 class _Thumbnails:
@@ -179,6 +193,15 @@ class _Thumbnails:
             relative = ""
         self.done[name] = relative
         return relative
+
+
+def _json_value(value: Any) -> Any:
+    """Return a table cell as a JSON value: missing -> None, timestamps as ISO 8601, numpy scalars as Python's."""
+    if value is None or (not isinstance(value, str) and pd.isna(value)):
+        return None
+    if isinstance(value, pd.Timestamp):
+        return value.isoformat()
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def _records(table: pd.DataFrame | None) -> list[Mapping[str, Any]]:

@@ -86,7 +86,7 @@ def _run(module: ModuleType, cfg: DictConfig) -> object:
 
 def test_every_infer_and_share_mode_runs_from_its_config(world: dict[str, Path], hydra_conf: None) -> None:
     infer, share = _entry_point("infer"), _entry_point("share")
-    assert set(infer.MODES) == {"demo", "build", "calibrate", "match", "count"}
+    assert set(infer.MODES) == {"demo", "build", "calibrate", "match", "review", "enrol", "count"}
     assert set(share.MODES) == {
         "demo",
         "export",

@@ -9,6 +9,7 @@ embedding's cosine, or calibrated keypoint evidence fused with it), and the pure
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from reid import __version__
+from reid.catalogue import save_catalogue
 from reid.census import count_bounds
 from reid.decisions import (
     DECISION_COLUMNS,
@@ -33,12 +36,15 @@ from reid.decisions import (
 from reid.errors import Problem, ReidError
 from reid.evidence import evidence_pictures
 from reid.files import atomic_write, write_csv
-from reid.fusion import FusedScorer, ScoreFusion
+from reid.fusion import FusedScorer, ScoreFusion, lnbnn_ranker
 from reid.gallery import Gallery, GalleryError
 from reid.importers import Source, load_source
-from reid.keypoints import Features, KeypointConfig, extract_rows
+from reid.catalogue import SEARCHED_SIDES
+from reid.keypoints import Features, KeypointConfig
+from reid.matchers import extract_rows
 from reid.models import Embedder, embed_images, model_fingerprint
-from reid.report import write_report
+from reid.report import encounter_cards, write_report
+from reid.review import CAPTURES_FILE, ENCOUNTERS_FILE, RunInfo
 from reid.workflows.common import Outcome
 
 UNCALIBRATED = Thresholds(known=np.inf, new=-np.inf)
@@ -51,15 +57,81 @@ def make_scorer(
     query_embeddings: np.ndarray,
     query_features: list[Features] | None = None,
     *,
+    query_sides: np.ndarray | None = None,
+    configured: KeypointConfig | None = None,
+    lnbnn_exclude: list[np.ndarray] | None = None,
     progress: bool = False,
 ) -> FusedScorer:
-    """Return the scorer of queries against this gallery as `fusion` says (its stored keypoints where needed)."""
-    stored = gallery.require_keypoints(fusion)
+    """Return the scorer of queries against this gallery as `fusion` says (its stored keypoints where needed).
+
+    `configured` (the run's keypoint settings) must name the matcher the gallery's features were made with.
+    """
+    stored = gallery.require_keypoints(fusion, configured)
     if stored is None:
-        return FusedScorer(fusion, query_embeddings, progress=progress)
+        return FusedScorer(fusion, query_embeddings, query_sides=query_sides, progress=progress)
     if query_features is None:
         raise ReidError(f"score method {fusion.method} needs the queries' keypoint features")
-    return FusedScorer(fusion, query_embeddings, query_features, stored.features, stored.config, progress=progress)
+    ranker = (
+        lnbnn_ranker(stored.features, gallery.entries["side"].fillna("unknown").to_numpy(dtype=object))
+        if fusion.uses_lnbnn
+        else None
+    )
+    return FusedScorer(
+        fusion,
+        query_embeddings,
+        query_features,
+        stored.features,
+        stored.config,
+        query_sides=query_sides,
+        lnbnn=ranker,
+        lnbnn_exclude=lnbnn_exclude,
+        progress=progress,
+    )
+
+
+def shortlist(
+    gallery: Gallery,
+    embeddings: np.ndarray,
+    sides: np.ndarray,
+    scorer: FusedScorer,
+    depth: int,
+    exclude: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Return (cosine, gallery rows), both (Q, K): each query's same-side shortlist from the fusion's ranker.
+
+    The embedding's `depth` nearest entries (FAISS), the `depth` entries LNBNN votes for most (ties broken by
+    the embedding), or the union of both (K up to 2 x depth). Rows `exclude` masks are -1.
+    """
+    ranker = scorer.fusion.ranker
+    if ranker == "embedding":
+        cosine, rows = gallery.search(embeddings, sides, depth)
+        if exclude is not None:
+            rows = np.where((rows >= 0) & exclude(rows), -1, rows)
+        return np.where(rows >= 0, cosine, -np.inf), rows
+    n_gallery = len(gallery)
+    everything = np.broadcast_to(np.arange(n_gallery), (len(embeddings), n_gallery))
+    gallery_sides = gallery.entries["side"].fillna("unknown").to_numpy(dtype=object)
+    allowed = np.array([np.isin(gallery_sides, SEARCHED_SIDES[str(side)]) for side in sides]).reshape(
+        len(embeddings), n_gallery
+    )
+    if exclude is not None:
+        allowed &= ~exclude(everything)
+    full_cosine = np.asarray(embeddings, np.float32) @ gallery.embeddings.T
+    votes = scorer.lnbnn_votes()
+    chosen = np.zeros_like(allowed)
+    by_votes = np.lexsort((-np.where(allowed, full_cosine, -np.inf), -np.where(allowed, votes, -np.inf)), axis=1)
+    by_votes = by_votes[:, :depth]
+    np.put_along_axis(chosen, by_votes, True, axis=1)
+    if ranker == "union":
+        by_cosine = np.argsort(-np.where(allowed, full_cosine, -np.inf), axis=1, kind="stable")[:, :depth]
+        np.put_along_axis(chosen, by_cosine, True, axis=1)
+    chosen &= allowed
+    width = max(1, int(chosen.sum(axis=1).max(initial=0)))
+    # Each query's chosen rows first (in gallery order), then -1.
+    order = np.argsort(~chosen, axis=1, kind="stable")[:, :width]
+    rows = np.where(np.take_along_axis(chosen, order, axis=1), order, -1)
+    cosine = np.where(rows >= 0, np.take_along_axis(full_cosine, np.clip(rows, 0, None), axis=1), -np.inf)
+    return cosine, rows
 
 
 def scored_candidates(
@@ -73,14 +145,12 @@ def scored_candidates(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Return (scores, gallery rows), both (Q, K): each query's same-side shortlist, re-scored by `scorer`.
 
-    K is `k` for embedding scores and the fusion's shortlist when keypoints re-rank.
-    `exclude` maps the (Q, K) rows found to a mask of rows each query must not see
+    K is `k` for embedding scores and the fusion's shortlist (`shortlist`) when anything re-ranks.
+    `exclude` maps (Q, K) rows to a mask of rows each query must not see
     (calibration leaves a query's own encounter or individual out this way).
     """
-    depth = scorer.depth if scorer.fusion.uses_keypoints else k
-    cosine, rows = gallery.search(embeddings, sides, depth)
-    if exclude is not None:
-        rows = np.where((rows >= 0) & exclude(rows), -1, rows)
+    depth = scorer.depth if scorer.fusion.reranks else k
+    cosine, rows = shortlist(gallery, embeddings, sides, scorer, depth, exclude)
     return scorer.rescore(cosine, rows), rows
 
 
@@ -92,6 +162,7 @@ def score_queries(
     *,
     fusion: ScoreFusion | None = None,
     query_features: list[Features] | None = None,
+    keypoints: KeypointConfig | None = None,
     k: int = 50,
     top_n: int = 5,
     new_prefix: str = "NEW",
@@ -103,17 +174,18 @@ def score_queries(
 
     With keypoints, the queries' features are computed with the gallery's stored
     settings unless `query_features` (aligned with the rows) are given; unreadable
-    pictures then just have no correspondences, reported in `problems`.
+    pictures then just have no correspondences, reported in `problems`. `keypoints`
+    (the run's settings) must name the matcher the gallery's features were made with.
     """
     fusion = gallery.fusion if fusion is None else fusion
-    stored = gallery.require_keypoints(fusion)
+    stored = gallery.require_keypoints(fusion, keypoints)
     config = stored.config if stored is not None else None
     if config is not None and query_features is None:
         query_features, more = extract_rows(queries, config, progress=progress)
         if problems is not None:
             problems += more
-    scorer = make_scorer(gallery, fusion, embeddings, query_features, progress=progress)
     sides = queries["side"].fillna("unknown").to_numpy(dtype=object)
+    scorer = make_scorer(gallery, fusion, embeddings, query_features, query_sides=sides, progress=progress)
     scores, rows = scored_candidates(gallery, embeddings, sides, scorer, k=k)
     result = decide(
         queries,
@@ -142,6 +214,7 @@ def match(
     count_by: tuple[str, ...] = ("country",),
     period: str | None = None,
     fusion: ScoreFusion | None = None,
+    keypoints: KeypointConfig | None = None,
     evidence: bool = True,
     import_problems: list[Problem] | None = None,
     progress: bool = True,
@@ -191,6 +264,7 @@ def match(
         embedded.embeddings,
         thresholds,
         fusion=fusion,
+        keypoints=keypoints,
         k=k,
         top_n=top_n,
         new_prefix=new_prefix,
@@ -229,21 +303,44 @@ def match(
         if evidence and keypoint_config is not None
         else {}
     )
-    outcome.files["report"] = write_report(
+    cards = encounter_cards(
         out_dir,
         result.decisions,
         result.matches,
         readable,
         gallery.entries,
+        evidence=pictures,
+        problems=outcome.problems,
+    )
+    outcome.files.update(_review_inputs(out_dir, readable, cards, gallery))
+    outcome.files["report"] = write_report(
+        out_dir,
+        cards,
         counts=table.drop(columns="individuals"),
         count_note=counts_doc["note"],
         thresholds=thresholds,
         problems=outcome.problems,
         summary=summary,
-        evidence=pictures,
         score_label=(fusion or gallery.fusion).method,
     )
     return MatchResult(matches=matches, decisions=decisions), outcome
+
+
+def _review_inputs(
+    out_dir: Path, readable: pd.DataFrame, cards: list[dict[str, Any]], gallery: Gallery
+) -> dict[str, Path]:
+    """Write what `infer.py mode=review` and `mode=enrol` read back: the captures, the cards, the run's provenance."""
+    save_catalogue(readable, out_dir / CAPTURES_FILE)
+    with atomic_write(out_dir / ENCOUNTERS_FILE) as f:
+        json.dump(cards, f, indent=1)
+    info = RunInfo(
+        run_id=uuid.uuid4().hex,
+        gallery=str(gallery.folder or ""),
+        gallery_id=gallery.identity,
+        gallery_version=gallery.version or "",
+        software_version=__version__,
+    )
+    return {"captures": out_dir / CAPTURES_FILE, "encounters": out_dir / ENCOUNTERS_FILE, "run": info.save(out_dir)}
 
 
 def run_match(
@@ -257,9 +354,12 @@ def run_match(
     new_prefix: str | None = None,
     count_by: tuple[str, ...] = ("country",),
     period: str | None = None,
+    keypoints: KeypointConfig | None = None,
     progress: bool = True,
 ) -> Outcome:
-    """`infer.py mode=match`: match a source's captures against the gallery with its calibrated scoring."""
+    """`infer.py mode=match`: match a source's captures against the gallery with its calibrated scoring.
+
+    `keypoints` (the run's settings) must name the matcher the gallery's features were made with."""
     queries, problems = load_source(source)
     gallery = Gallery.load(gallery_dir, embedder_fingerprint=model_fingerprint(embedder))
     _, outcome = match(
@@ -272,6 +372,7 @@ def run_match(
         new_prefix=new_prefix,
         count_by=count_by,
         period=period,
+        keypoints=keypoints,
         import_problems=problems,
         progress=progress,
     )

@@ -23,9 +23,10 @@ from reid.evidence import evidence_pictures
 from reid.files import write_csv
 from reid.fusion import ScoreFusion
 from reid.gallery import Gallery, StoredKeypoints
-from reid.keypoints import Features, KeypointConfig, extract_rows
+from reid.keypoints import Features, KeypointConfig
+from reid.matchers import extract_rows
 from reid.models import Embedder, embed_images, model_fingerprint
-from reid.report import write_report
+from reid.report import encounter_cards, write_report
 from reid.sharing import ImportedCatalogue, export_catalogue, import_catalogue, load_imported
 from reid.workflows.common import Outcome, write_counts
 from reid.workflows.match import UNCALIBRATED, score_queries
@@ -166,17 +167,16 @@ def find_shared_individuals(
         f"{decided.get(NEW, 0)}. Confirm pairs by writing yes in the `confirmed` column of candidates.csv, then "
         "run `python share.py mode=confirm`. Nothing is renamed until then."
     )
+    cards = encounter_cards(
+        out_dir, result.decisions, result.matches, queries, local.entries, evidence=pictures, problems=problems
+    )
     files["report"] = write_report(
         out_dir,
-        result.decisions,
-        result.matches,
-        queries,
-        local.entries,
+        cards,
         thresholds=thresholds,
         problems=problems,
         title=f"Shared individuals: {partner_name} vs {local_name}",
         summary=summary,
-        evidence=pictures,
         score_label=fusion.method,
     )
     return candidates, files, problems
