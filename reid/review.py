@@ -101,6 +101,10 @@ class RunInfo:
     gallery_version: str
     software_version: str
     created: str = field(default_factory=lambda: _now())
+    kind: str = "match"
+    """match (a card of captures: each encounter is one animal) or shared (a partner's individuals to confirm)."""
+    partner: str = ""
+    """A shared run: the partner catalogue's folder."""
 
     def save(self, run_dir: str | Path) -> Path:
         """Write run.json into the run folder; return its path."""
@@ -156,10 +160,20 @@ class MatchRun:
         folder = Path(folder)
         info = RunInfo.load(folder)
         try:
-            decisions = pd.read_csv(folder / "decisions.csv", dtype=str, keep_default_na=False)
             encounters = json.loads((folder / ENCOUNTERS_FILE).read_text())
-        except (OSError, ValueError, pd.errors.ParserError) as err:
-            raise ReviewError(f"{folder}: the match run is incomplete ({err}); match the card again") from err
+            if info.kind == "shared":  # a partner's individuals: the cards say everything there is
+                decisions = pd.DataFrame(
+                    [
+                        {"query": q["annotation_id"], "encounter_id": c["encounter_id"], "decision": c["decision"]}
+                        for c in encounters
+                        for q in c["queries"]
+                    ],
+                    columns=["query", "encounter_id", "decision"],
+                )
+            else:
+                decisions = pd.read_csv(folder / "decisions.csv", dtype=str, keep_default_na=False)
+        except (OSError, ValueError, KeyError, pd.errors.ParserError) as err:
+            raise ReviewError(f"{folder}: the run folder is incomplete ({err}); run its match again") from err
         return cls(folder, info, decisions.replace("", None), encounters)
 
     def captures(self) -> pd.DataFrame:

@@ -12,6 +12,8 @@ counted, so a closed tab or a killed server loses nothing already shown as done.
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import threading
 import webbrowser
 from collections.abc import Iterable
@@ -53,6 +55,7 @@ def create_app(run_dir: str | Path, *, known_ids: Iterable[str] | None = None, r
         done = sum(e["review"]["status"] != "open" for e in encounters)
         return {
             "run": run.folder.name,
+            "kind": run.info.kind,
             "gallery": run.info.gallery,
             "reviewer": reviewer,
             "encounters": encounters,
@@ -147,7 +150,7 @@ def serve(app: Flask, *, host: str = "127.0.0.1", port: int = 8765, open_browser
     server: BaseWSGIServer = make_server(host, port, app, threaded=True)
     address = f"http://{host}:{server.server_port}/"
     print(f"Review page: {address}  (Ctrl-C stops the server; every action is already saved)", flush=True)
-    if open_browser:
+    if open_browser and (sys.platform != "linux" or os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
         try:
             webbrowser.get().open(address)
         except webbrowser.Error:

@@ -28,7 +28,8 @@ from reid.census import count_bounds
 from reid.gallery import Gallery
 from reid.models import create_embedder, export_embedder, load_embedder
 from reid.review import MatchRun, ReviewError, encounter_states, find_match_run
-from reid.workflows import build_gallery, enrol_reviewed, match, recount
+from reid.workflows import build_gallery, enrol_reviewed, find_shared_individuals, match, recount
+from reid.workflows.shared import reviewed_pairs
 
 REPO = Path(__file__).resolve().parents[1]
 GALLERY_INDIVIDUALS = {f"KZ-{i:04d}" for i in range(4)}
@@ -150,6 +151,27 @@ def test_a_partial_last_row_from_a_crash_is_dropped_and_the_log_goes_on(run_copy
     assert list(log.read()["encounter_id"]) == ["E1", "E2"]
 
 
+def test_a_partners_individuals_confirmed_on_the_review_page_become_alias_pairs(
+    world: dict[str, Any], tmp_path: Path
+) -> None:
+    local = Gallery.load(world["root"] / "gallery")
+    partner = Gallery.load(world["root"] / "gallery")  # the partner holds the same animals under the same IDs
+    find_shared_individuals(local, partner, partner.entries, tmp_path / "shared", progress=False)
+    run = MatchRun.load(tmp_path / "shared")
+    assert run.info.kind == "shared" and {c["encounter_id"] for c in run.encounters} == GALLERY_INDIVIDUALS
+    log = run.log()
+    log.append(reviewer="ana", encounter_id="KZ-0001", action="other", individual_id="KZ-0001")
+    log.append(reviewer="ben", encounter_id="KZ-0001", action="other", individual_id="KZ-0001")
+    log.append(reviewer="ana", encounter_id="KZ-0002", action="new")  # not one of ours: no alias
+    log.append(reviewer="ana", encounter_id="KZ-0003", action="other", individual_id="KZ-0003")
+    log.append(reviewer="ben", encounter_id="KZ-0003", action="other", individual_id="KZ-0000")  # a conflict
+    pairs = reviewed_pairs(tmp_path / "shared")
+    assert list(pairs) == ["ana; ben"]
+    assert pairs["ana; ben"][["partner_id", "local_id", "confirmed"]].values.tolist() == [["KZ-0001", "KZ-0001", "yes"]]
+    with pytest.raises(ReviewError, match=r"share\.py mode=confirm"):
+        enrol_reviewed(tmp_path / "shared", world["embedder"], progress=False)
+
+
 def _post(address: str, **body: Any) -> dict[str, Any]:
     request = urllib.request.Request(
         address + "api/action", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
@@ -243,8 +265,7 @@ def test_the_whole_loop_in_a_browser_recounts_the_truth(
                 page.reload()
                 expect = f"reviewed {n} / {len(truth)}"
                 playwright_api.expect(page.get_by_test_id("progress")).to_contain_text(expect)
-            heading = page.locator("#encounter h2").inner_text()
-            encounter_id = heading.removeprefix("Encounter ")
+            encounter_id = page.locator("#encounter h2").get_attribute("data-encounter")
             true_id = truth[encounter_id]
             by_keys = n % 2 == 1
             ranks = page.locator("button[data-action=same]")

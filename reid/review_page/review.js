@@ -88,7 +88,7 @@ function card(e) {
   ].filter(Boolean).join("; ");
   const side = review.side ? `${review.side} (corrected)` : e.queries.map((q) => q.side).join(", ");
   const parts = [
-    el("h2", {}, `Encounter ${e.encounter_id}`),
+    el("h2", { "data-encounter": e.encounter_id }, `${state.kind === "shared" ? "Partner individual" : "Encounter"} ${e.encounter_id}`),
     el(
       "p", {},
       "Software: ", el("span", { class: `badge ${e.decision}` }, e.decision), " ", el("b", {}, e.assigned || "—"),
@@ -137,8 +137,9 @@ function card(e) {
     if (event.key === "Enter") { event.preventDefault(); act("other", { individual_id: typed.value }); }
     if (event.key === "Escape") typed.blur();
   });
+  const shared = state.kind === "shared";  // a partner's individual: confirm it is one of ours, or not
   parts.push(el("div", { class: "actions" },
-    el("button", { "data-action": "new", onclick: () => act("new") }, "New individual [n]"),
+    el("button", { "data-action": "new", onclick: () => act("new") }, shared ? "Not one of ours [n]" : "New individual [n]"),
     typed, datalist,
     el("button", { "data-action": "other", onclick: () => act("other", { individual_id: typed.value }) }, "Same as this ID [i]"),
     el("button", { "data-action": "unusable", onclick: () => act("unusable") }, "Not a flank / unusable [u]"),

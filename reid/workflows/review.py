@@ -75,6 +75,11 @@ def enrol_reviewed(
     nothing, when the log has a bad row or belongs to another gallery.
     """
     run = MatchRun.load(run_dir)
+    if run.info.kind != "match":
+        raise ReviewError(
+            f"{run.folder} reviews a partner's individuals: confirm them as aliases with `python share.py "
+            f"mode=confirm candidates={run.folder} partner=<the partner folder>`"
+        )
     gallery_dir = Path(gallery_dir or run.info.gallery)
     with gallery_lock(gallery_dir):
         gallery = Gallery.load(gallery_dir, embedder_fingerprint=model_fingerprint(embedder))

@@ -8,11 +8,14 @@ functions are `share.py`'s modes.
 
 from __future__ import annotations
 
+import json
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
+from reid import __version__
 from reid.aliases import CONFIRM_COLUMN, confirm_aliases, load_aliases, merged_catalogue
 from reid.catalogue import COLUMN_NAMES
 from reid.census import count_table
@@ -20,13 +23,14 @@ from reid.decisions import KNOWN, NEW, REVIEW, MatchResult, Thresholds
 from reid.ecology import write_camtrap_dp, write_capture_histories
 from reid.errors import Problem, ReidError
 from reid.evidence import evidence_pictures
-from reid.files import write_csv
+from reid.files import atomic_write, write_csv
 from reid.fusion import ScoreFusion
 from reid.gallery import Gallery, StoredKeypoints
 from reid.keypoints import Features, KeypointConfig
 from reid.matchers import extract_rows
 from reid.models import Embedder, embed_images, model_fingerprint
 from reid.report import encounter_cards, write_report
+from reid.review import ENCOUNTERS_FILE, MatchRun, RunInfo, encounter_states
 from reid.sharing import ImportedCatalogue, export_catalogue, import_catalogue, load_imported
 from reid.workflows.common import Outcome, write_counts
 from reid.workflows.match import UNCALIBRATED, score_queries
@@ -164,12 +168,24 @@ def find_shared_individuals(
         f"{partner_name}: {len(first)} individuals ({len(queries)} pictures) matched against {local_name}: "
         f"{len(local)} pictures of {local.entries['individual_id'].nunique()} individuals. Proposed shared: "
         f"{decided.get(KNOWN, 0)}; to review: {decided.get(REVIEW, 0)}; no close local animal: "
-        f"{decided.get(NEW, 0)}. Confirm pairs by writing yes in the `confirmed` column of candidates.csv, then "
-        "run `python share.py mode=confirm`. Nothing is renamed until then."
+        f"{decided.get(NEW, 0)}. Confirm pairs on the review page (`python infer.py mode=review "
+        f"review.run={out_dir}`) or by writing yes in the `confirmed` column of candidates.csv, then run "
+        "`python share.py mode=confirm`. Nothing is renamed until then."
     )
     cards = encounter_cards(
         out_dir, result.decisions, result.matches, queries, local.entries, evidence=pictures, problems=problems
     )
+    with atomic_write(out_dir / ENCOUNTERS_FILE) as f:
+        json.dump(cards, f, indent=1)
+    files["run"] = RunInfo(
+        run_id=uuid.uuid4().hex,
+        gallery=str(local.folder or ""),
+        gallery_id=local.identity,
+        gallery_version=local.version or "",
+        software_version=__version__,
+        kind="shared",
+        partner=partner_name,
+    ).save(out_dir)
     files["report"] = write_report(
         out_dir,
         cards,
@@ -259,23 +275,50 @@ def run_confirm(
     namespace: str,
     note: str = "",
 ) -> Outcome:
-    """`share.py mode=confirm`: add the pairs a person marked confirmed in candidates.csv to the alias table."""
-    if not candidates or not confirmed_by or not partner_dir:
+    """`share.py mode=confirm`: add the pairs a person confirmed to the alias table: marked yes in candidates.csv,
+    or, given the run folder of mode=shared, confirmed on the review page (`infer.py mode=review review.run=...`)."""
+    if not candidates or not partner_dir or not (confirmed_by or Path(candidates).is_dir()):
         raise ReidError(
-            "mode=confirm needs candidates=<reviewed candidates.csv>, partner=<its partner folder> and "
-            'confirmed_by="name"'
+            "mode=confirm needs candidates=<the mode=shared run folder reviewed on the review page, or its "
+            'candidates.csv with confirmed = yes>, partner=<its partner folder> and, for a CSV, confirmed_by="name"'
         )
-    if not Path(candidates).is_file():
-        raise ReidError(f"{candidates}: no such file; give the candidates.csv that mode=shared wrote")
-    _, problems = confirm_aliases(
-        aliases_path,
-        pd.read_csv(candidates, dtype=str, keep_default_na=False),
-        confirmed_by=confirmed_by,
-        local_namespace=namespace,
-        partner_namespace=load_imported(partner_dir).manifest["namespace"],
-        note=note,
-    )
+    if Path(candidates).is_dir():
+        by_reviewers = reviewed_pairs(candidates)
+    elif Path(candidates).is_file():
+        by_reviewers = {str(confirmed_by): pd.read_csv(candidates, dtype=str, keep_default_na=False)}
+    else:
+        raise ReidError(f"{candidates}: no such file; give the run folder or candidates.csv that mode=shared wrote")
+    problems: list[Problem] = []
+    for reviewers, reviewed in by_reviewers.items():
+        _, more = confirm_aliases(
+            aliases_path,
+            reviewed,
+            confirmed_by=str(confirmed_by or reviewers),
+            local_namespace=namespace,
+            partner_namespace=load_imported(partner_dir).manifest["namespace"],
+            note=note,
+        )
+        problems += more
     return Outcome({"aliases": Path(aliases_path)}, problems)
+
+
+def reviewed_pairs(run_dir: str | Path) -> dict[str, pd.DataFrame]:
+    """Return the candidate pairs of a shared run with `confirmed` = yes where its review confirmed them, grouped
+    by who confirmed them ("ana; ben")."""
+    run = MatchRun.load(run_dir)
+    if run.info.kind != "shared":
+        raise ReidError(f"{run_dir} is a match run, not a mode=shared run: enrol it with `infer.py mode=enrol`")
+    candidates = pd.read_csv(Path(run_dir) / "candidates.csv", dtype=str, keep_default_na=False)
+    states = encounter_states(run.log().read(known_ids=set(candidates["local_id"])))
+    groups: dict[str, pd.DataFrame] = {}
+    for partner_id, state in states.items():
+        same = (candidates["partner_id"] == partner_id) & (candidates["local_id"] == state.individual_id)
+        if state.status != "confirmed" or not same.any():
+            continue
+        reviewers = "; ".join(sorted({reviewer for reviewer, _, _ in state.answers}))
+        pair = candidates[same].head(1).assign(**{CONFIRM_COLUMN: "yes"})
+        groups[reviewers] = pd.concat([groups.get(reviewers, pair.iloc[0:0]), pair], ignore_index=True)
+    return groups
 
 
 def merged_entries(gallery_dir: str | Path, partner_dir: str | Path | None, aliases_path: str | Path) -> pd.DataFrame:
