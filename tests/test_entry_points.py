@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 
 from reid.gallery import Gallery
 from reid.models import create_embedder, export_embedder
+from reid.review import MatchRun
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -114,6 +115,19 @@ def test_every_infer_and_share_mode_runs_from_its_config(world: dict[str, Path],
     assert len(decisions) == len(stored) and set(decisions["decision"]) <= {"known", "review", "new"}
     matches = pd.read_csv(matched.files["matches"], dtype=str)  # type: ignore[attr-defined]
     assert matches["rank"].str.fullmatch(r"\d+").all()  # written as integers, not 1.0
+
+    # The analyst confirms one encounter on the review page (its log row, written as the page writes it), then
+    # enrols it and recounts; mode=review itself is run as a command by test_review.py.
+    review_run = [f"review.run={world['root'] / 'match'}"]
+    first = decisions.iloc[0]
+    run = MatchRun.load(world["root"] / "match")
+    run.log().append(reviewer="ana", encounter_id=first["encounter_id"], action="new")
+    enrolled = _run(infer, _compose("infer", world, "enrol", "mode=enrol", *review_run, *small))
+    # This card holds the gallery's own pictures: they are reported as already there, not enrolled twice.
+    assert enrolled.summary["enrolled"]["captures"] == 0  # type: ignore[attr-defined]
+    assert enrolled.summary["enrolled"]["already in the gallery"] == first["n_in_encounter"]  # type: ignore[attr-defined]
+    recounted = _run(infer, _compose("infer", world, "recount", "mode=count", "count_from=review", *review_run))
+    assert recounted.files["individuals"].is_file()  # type: ignore[attr-defined]
 
     counted = _run(infer, _compose("infer", world, "count", "mode=count", *data))
     counts = json.loads(counted.files["counts"].read_text())  # type: ignore[attr-defined]

@@ -301,6 +301,7 @@ def test_the_whole_loop_in_a_browser_recounts_the_truth(
     again, _ = enrol_reviewed(run_copy, world["embedder"], progress=False)
     assert len(Gallery.load(run_copy.parent / "gallery")) == len(gallery)  # nothing twice
     assert list(again["individual_id"]) == list(enrolled["individual_id"])  # the same IDs again
+    assert set(enrolled["status"]) == {"enrolled"} and set(again["status"]) == {"already in the gallery"}
 
     table, individuals, pending = recount(run_copy)
     captures = run.captures().assign(individual_id=lambda t: t["annotation_id"].map(world["truth"]).astype("string"))

@@ -86,7 +86,7 @@ function card(e) {
     e.margin !== null ? `lead over the runner-up ${e.margin.toFixed(3)}` : null,
     e.reason,
   ].filter(Boolean).join("; ");
-  const side = review.side ? `${review.side} (corrected)` : e.queries.map((q) => q.side).join(", ");
+  const side = review.side ? `${review.side} (corrected)` : [...new Set(e.queries.map((q) => q.side))].join(", ");
   const parts = [
     el("h2", { "data-encounter": e.encounter_id }, `${state.kind === "shared" ? "Partner individual" : "Encounter"} ${e.encounter_id}`),
     el(

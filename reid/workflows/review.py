@@ -15,12 +15,13 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from reid.census import count_bounds
 from reid.errors import Problem, ReidError
 from reid.files import sha256_file, write_csv
-from reid.gallery import Gallery, entry_key, gallery_lock
+from reid.gallery import Gallery, current_version, entry_key, gallery_lock
 from reid.models import Embedder, model_fingerprint
 from reid.review import (
     NEW_LABEL,
@@ -33,6 +34,9 @@ from reid.review import (
 )
 from reid.workflows.build import build_gallery
 from reid.workflows.common import Outcome, write_counts
+
+ENROLLED_COLUMNS = ["encounter_id", "image_path", "side", "review_label", "individual_id", "status"]
+"""enrolled.csv: one row per confirmed capture, the ID it was enrolled under, and whether it was added now."""
 
 
 def run_review(
@@ -103,12 +107,37 @@ def enrol_reviewed(
             rows = rows.assign(review_label=state.individual_id)
             confirmed.append(rows.assign(side=state.side) if state.side else rows)
         if not confirmed:
-            return pd.DataFrame(columns=["encounter_id", "image_path", "review_label", "individual_id"]), problems
+            return pd.DataFrame(columns=ENROLLED_COLUMNS), problems
         chosen = pd.concat(confirmed, ignore_index=True)
-        ids = _catalogue_ids(chosen, gallery, namespace)
+        keys = [_capture_key(row) for _, row in chosen.iterrows()]
+        stored = _entries_by_key(gallery)
+        ids = _catalogue_ids(chosen, keys, stored, namespace)
         chosen["individual_id"] = pd.array([ids[label] for label in chosen["review_label"]], dtype="string")
-        _, more = build_gallery(chosen.drop(columns="review_label"), embedder, gallery_dir, progress=progress)
-    enrolled = chosen[["encounter_id", "image_path", "side", "review_label", "individual_id"]]
+        before = [stored.get(k) if k else None for k in keys]
+        fresh = np.array([b is None for b in before])
+        more: list[Problem] = []
+        if fresh.any():
+            gallery, more = build_gallery(
+                chosen[fresh].drop(columns="review_label"), embedder, gallery_dir, progress=progress
+            )
+        after = _entries_by_key(gallery)
+    status = []
+    for key, was, row in zip(keys, before, chosen.itertuples(), strict=True):
+        if was is None:
+            status.append("enrolled" if key in after else "not enrolled: see the problems")
+        elif was == row.individual_id:
+            status.append("already in the gallery")
+        else:
+            status.append(f"already in the gallery as {was}")
+            more.append(
+                Problem(
+                    str(row.image_path),
+                    f"encounter {row.encounter_id}",
+                    f"the review says {row.review_label} but the gallery holds this picture as {was}: correct "
+                    "the gallery or review the encounter again",
+                )
+            )
+    enrolled = chosen.assign(status=status)[ENROLLED_COLUMNS]
     return enrolled, problems + more
 
 
@@ -124,23 +153,27 @@ def run_enrol(
 ) -> Outcome:
     """`infer.py mode=enrol`: enrol a match run's confirmed captures (the newest run by default)."""
     folder = find_match_run(runs_dir, run)
-    enrolled, problems = enrol_reviewed(folder, embedder, gallery_dir, namespace=namespace, progress=progress)
-    info = MatchRun.load(folder).info
-    new = enrolled.drop_duplicates("review_label")
+    gallery = Path(gallery_dir or MatchRun.load(folder).info.gallery)
+    previous = current_version(gallery)
+    enrolled, problems = enrol_reviewed(folder, embedder, gallery, namespace=namespace, progress=progress)
+    added = enrolled[enrolled["status"] == "enrolled"]
+    new = added.drop_duplicates("review_label")
     new = new[new["review_label"].astype(str).str.match(NEW_LABEL.pattern)]
     summary = {
         "enrolled": {
-            "captures": len(enrolled),
-            "individuals": enrolled["individual_id"].nunique(),
+            "captures": len(added),
+            "individuals": added["individual_id"].nunique(),
             "new individuals": len(new),
             **{str(r.review_label): r.individual_id for r in new.itertuples()},
-        },
-        "gallery": {
-            "folder": gallery_dir or info.gallery,
-            "to go back": f"write the previous version's name (it was {info.gallery_version} when matched) into "
-            "the gallery's CURRENT file",
-        },
+            "already in the gallery": int(enrolled["status"].str.startswith("already").sum()),
+        }
     }
+    if len(added):
+        summary["gallery"] = {
+            "version": current_version(gallery),
+            "to go back": f"write {previous} into {gallery / 'CURRENT'}",
+            "next": "python infer.py mode=calibrate (the thresholds then use the new entries too)",
+        }
     path = write_csv(enrolled, Path(out_dir) / "enrolled.csv")
     return Outcome({"enrolled": path}, problems, summary)
 
@@ -205,21 +238,19 @@ def run_recount(
     return Outcome(files, [], summary)
 
 
-def _catalogue_ids(chosen: pd.DataFrame, gallery: Gallery, namespace: str | None) -> dict[str, str]:
-    """Return the catalogue ID of each label: catalogue IDs stay; a new individual keeps the ID a previous
+def _catalogue_ids(
+    chosen: pd.DataFrame, keys: list[str | None], stored: dict[str, str], namespace: str | None
+) -> dict[str, str]:
+    """Return the catalogue ID of each review label: catalogue IDs stay; a new individual keeps the ID an earlier
     enrolment of any of its captures gave it, else gets the next free `<namespace>-NNNN`."""
     ids = {label: label for label in chosen["review_label"] if not NEW_LABEL.match(label)}
-    stored = {
-        entry_key(h, row): str(row["individual_id"])
-        for h, (_, row) in zip(gallery.entries["content_hash"], gallery.entries.iterrows(), strict=True)
-    }
-    taken = set(gallery.entries["individual_id"].dropna().astype(str))
+    taken = set(stored.values())
     for label, rows in chosen.groupby("review_label", sort=False):
         if label in ids:
             continue
-        before = {stored.get(entry_key(sha256_file(r["image_path"]), r)) for _, r in rows.iterrows()} - {None}
-        if before:
-            ids[str(label)] = str(before.pop())
+        earlier = {stored[k] for k in (keys[i] for i in rows.index) if k in stored}
+        if earlier:
+            ids[str(label)] = sorted(earlier)[0]
             continue
         prefix = namespace or _namespace(rows)
         pattern = re.compile(rf"^{re.escape(prefix)}-(\d+)$")
@@ -227,6 +258,21 @@ def _catalogue_ids(chosen: pd.DataFrame, gallery: Gallery, namespace: str | None
         ids[str(label)] = f"{prefix}-{number:04d}"
         taken.add(ids[str(label)])
     return ids
+
+
+def _capture_key(row: pd.Series) -> str | None:
+    """Return a capture's gallery entry key (image content and box), None when its image cannot be read."""
+    try:
+        return entry_key(sha256_file(row["image_path"]), row)
+    except OSError:
+        return None
+
+
+def _entries_by_key(gallery: Gallery) -> dict[str, str]:
+    return {
+        entry_key(h, row): str(row["individual_id"])
+        for h, (_, row) in zip(gallery.entries["content_hash"], gallery.entries.iterrows(), strict=True)
+    }
 
 
 def _namespace(rows: pd.DataFrame) -> str:
