@@ -1,6 +1,6 @@
 """The review page: a local web app (Flask) over one match run folder and its append-only review log.
 
-    app = create_app("outputs/infer/2026-12-01_10-00-00", known_ids=gallery_ids)
+    app = create_app("outputs/infer/2026-12-01_10-00-00", gallery_entries=Gallery.load("gallery").entries)
     serve(app, port=0)     # prints the address; Ctrl-C stops it
 
 Everything the page needs is in the run folder (cards, thumbnails,
@@ -16,30 +16,35 @@ import os
 import sys
 import threading
 import webbrowser
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 from flask import Flask, Response, jsonify, request, send_from_directory
 from werkzeug.serving import BaseWSGIServer, make_server
 
-from reid.review import NEW_LABEL, Action, EncounterState, MatchRun, ReviewError, encounter_states
+from reid.census import count_bounds
+from reid.review import NEW_LABEL, Action, EncounterState, MatchRun, ReviewError, encounter_states, reviewed_captures
 
 log = logging.getLogger(__name__)
 
 PAGE_DIR = Path(__file__).with_name("review_page")
 
 
-def create_app(run_dir: str | Path, *, known_ids: Iterable[str] | None = None, reviewer: str = "") -> Flask:
-    """Return the review app of a match run; `known_ids` are the catalogue's IDs a reviewer may type in.
+def create_app(run_dir: str | Path, *, gallery_entries: pd.DataFrame | None = None, reviewer: str = "") -> Flask:
+    """Return the review app of a run folder (a match, or a partner's individuals from share.py mode=shared).
 
-    The log is checked when the app is made: a bad row stops it with the row and the fix.
+    `gallery_entries` (the catalogue the run was matched against) give the IDs a
+    reviewer may type in and the flanks each individual is known from, for the
+    live count. The log is checked when the app is made: a bad row stops it with
+    the row and the fix.
     """
     run = MatchRun.load(run_dir)
     review_log = run.log()
-    known = set(known_ids) if known_ids is not None else None
+    known = set(gallery_entries["individual_id"].dropna().astype(str)) if gallery_entries is not None else None
     review_log.read(known_ids=known)
     cards = {str(card["encounter_id"]): card for card in run.encounters}
+    captures = run.captures() if run.info.kind == "match" else None
     guard = threading.Lock()
     app = Flask(__name__, static_folder=str(PAGE_DIR), static_url_path="/page")
 
@@ -53,6 +58,11 @@ def create_app(run_dir: str | Path, *, known_ids: Iterable[str] | None = None, r
                 labels[label] = str(row.encounter_id)
         encounters = [{**card, "review": _review_json(states.get(e))} for e, card in cards.items()]
         done = sum(e["review"]["status"] != "open" for e in encounters)
+        count = None
+        if captures is not None:
+            decided, unresolved = reviewed_captures(captures, run.decisions, states)
+            bounds = count_bounds(decided, unresolved, by=(), known_sides=gallery_entries).iloc[0]
+            count = {"minimum": int(bounds["minimum"]), "maximum": int(bounds["maximum"])}
         return {
             "run": run.folder.name,
             "kind": run.info.kind,
@@ -65,6 +75,7 @@ def create_app(run_dir: str | Path, *, known_ids: Iterable[str] | None = None, r
             ],
             "known_ids": sorted(known or {c["individual_id"] for card in cards.values() for c in card["candidates"]}),
             "progress": {"reviewed": done, "total": len(encounters)},
+            "count": count,
         }
 
     @app.get("/")

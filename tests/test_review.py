@@ -141,6 +141,22 @@ def test_enrolling_into_another_gallery_is_refused(world: dict[str, Any], run_co
         enrol_reviewed(run_copy, world["embedder"], other, progress=False)
 
 
+def test_two_tabs_writing_at_once_lose_nothing_and_never_share_a_new_label(run_copy: Path) -> None:
+    log = MatchRun.load(run_copy).log()
+
+    def review(reviewer: str) -> None:
+        for n in range(15):
+            log.append(reviewer=reviewer, encounter_id=f"{reviewer}-{n}", action="new")
+
+    tabs = [threading.Thread(target=review, args=(name,)) for name in ("ana", "ben")]
+    for tab in tabs:
+        tab.start()
+    for tab in tabs:
+        tab.join()
+    rows = log.read()
+    assert len(rows) == 30 and sorted(rows["individual_id"]) == sorted(f"new-{n}" for n in range(1, 31))
+
+
 def test_a_partial_last_row_from_a_crash_is_dropped_and_the_log_goes_on(run_copy: Path) -> None:
     log = MatchRun.load(run_copy).log()
     log.append(reviewer="ana", encounter_id="E1", action="other", individual_id="KZ-0001")
@@ -235,8 +251,8 @@ def page_server(run_copy: Path) -> Iterator[str]:
 
     from reid.review_app import create_app
 
-    gallery_ids = set(Gallery.load(run_copy.parent / "gallery").entries["individual_id"])
-    server = make_server("127.0.0.1", 0, create_app(run_copy, known_ids=gallery_ids), threaded=True)
+    entries = Gallery.load(run_copy.parent / "gallery").entries
+    server = make_server("127.0.0.1", 0, create_app(run_copy, gallery_entries=entries), threaded=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_port}/"
@@ -287,6 +303,11 @@ def test_the_whole_loop_in_a_browser_recounts_the_truth(
                 page.wait_for_selector("#message:has-text('Saved')")
                 labels[true_id] = page.locator("#message").inner_text().split()[-1].rstrip(".")
             playwright_api.expect(page.get_by_test_id("progress")).to_contain_text(f"reviewed {n + 1} / ")
+        # Every encounter identified as the truth says: the live count on the page is the true count.
+        truth_count = world["queries"]["individual_id"].nunique()
+        playwright_api.expect(page.get_by_test_id("progress")).to_contain_text(
+            f"at least {truth_count}, at most {truth_count}"
+        )
         page.screenshot(path=str(run_copy / "review-page.png"))
         browser.close()
     states = encounter_states(run.log().read())

@@ -59,7 +59,8 @@ async function load() {
 
 function render() {
   const { reviewed, total } = state.progress;
-  $("progress").textContent = `reviewed ${reviewed} / ${total} (${total - reviewed} left)`;
+  const count = state.count ? ` · individuals: at least ${state.count.minimum}, at most ${state.count.maximum}` : "";
+  $("progress").textContent = `reviewed ${reviewed} / ${total} (${total - reviewed} left)${count}`;
   const list = visible();
   $("list").replaceChildren(
     ...list.map((e) =>

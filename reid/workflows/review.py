@@ -54,13 +54,14 @@ def run_review(
 
     folder = find_match_run(runs_dir, run)
     loaded = MatchRun.load(folder)
-    known = _gallery_ids(loaded)
+    entries = _gallery_entries(loaded)
     problems = []
-    if known is None:
+    if entries is None:
         problems.append(
             Problem(loaded.info.gallery, "", "gallery not found: typed IDs are not checked against the catalogue")
         )
-    serve(create_app(folder, known_ids=known, reviewer=reviewer), host=host, port=port, open_browser=open_browser)
+    app = create_app(folder, gallery_entries=entries, reviewer=reviewer)
+    serve(app, host=host, port=port, open_browser=open_browser)
     return Outcome({"review log": loaded.log().path}, problems)
 
 
@@ -290,11 +291,6 @@ def _gallery_entries(run: MatchRun) -> pd.DataFrame | None:
         return Gallery.load(run.info.gallery).entries
     except (ReidError, OSError):  # the run's gallery moved: counts then know only the run's own sides
         return None
-
-
-def _gallery_ids(run: MatchRun) -> set[str] | None:
-    entries = _gallery_entries(run)
-    return None if entries is None else set(entries["individual_id"].dropna().astype(str))
 
 
 def _answers(answers: tuple[tuple[str, str, str], ...]) -> str:
