@@ -1,6 +1,7 @@
 """Accuracy benchmark: embedding alone, keypoint matcher alone, and both fused, on any labels CSV.
 
     python bench/accuracy.py                                  # ../shared/data/nyala-dev (trains an embedder first)
+    python bench/accuracy.py --configs fast,weight_free,classic --embedder ...  # the conf/matching presets only
     python bench/accuracy.py --labels path/to/labels.csv      # any labels CSV: path, individual_id, side, ...
     python bench/accuracy.py --synthetic                      # the built-in synthetic leopards
     python bench/accuracy.py --embedder outputs/train/<run>/embedder   # reuse a run trained with split=disjoint
@@ -22,6 +23,17 @@ bounds are compared with the truth.
 Writes results.json, results.md, pairs.npz (pair scores), ranks.csv (CMC data),
 calibration.json and examples/ (matched pairs with correspondences) into --out,
 which notebooks/evaluation.ipynb reads.
+
+Presets (--configs, conf/matching/*.yaml): each configuration runs the library's own
+path (reid.workflows.match.shortlist, FusedScorer) on the closed set above: every
+picture is a query against all other pictures of its side but its own encounter,
+its shortlist re-scored and fused with calibrations cross-fitted on the other half
+of the individuals; pictures outside the shortlist follow, by the embedding. Reported
+per configuration: top-1, top-5, mAP, balanced top-1 (the mean over individuals of
+their queries' top-1), ms per query (embedding, feature extraction, LNBNN over the
+gallery, pair matching of the shortlist; measured, then with LNBNN scaled to a
+gallery of 1,000 pictures) and feature bytes per gallery picture (keypoints.npz).
+Writes configs.json and configs.md into --out; features are cached there per matcher.
 """
 
 from __future__ import annotations
@@ -32,6 +44,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 
 import argparse
+import hashlib
 import json
 import subprocess
 import sys
@@ -46,16 +59,26 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from reid.errors import ReidError
-from reid.fusion import DEFAULT_CALIBRATION, ScoreFusion, fit_calibration
+from reid.fusion import DEFAULT_CALIBRATION, FusedScorer, ScoreFusion, fit_calibration, lnbnn_ranker
 from reid.gallery import Gallery, StoredKeypoints
 from reid.importers import load_source
 from reid.index import EmbeddingIndex
-from reid.keypoints import KeypointConfig, draw_correspondences, extract_rows, match, read_crop, score_pairs
+from reid.keypoints import (
+    KeypointConfig,
+    draw_correspondences,
+    extract_rows,
+    features_from_bytes,
+    features_to_bytes,
+    match,
+    read_crop,
+    score_pairs,
+)
+from reid.matchers import extract_rows as extract_local_features
 from reid.metrics import first_match_ranks, retrieval_metrics
 from reid.models import create_embedder, embed_images, export_embedder, load_embedder
 from reid.splits import split_catalogue
 from reid.workflows.calibrate import CalibrationSettings, calibrate_thresholds
-from reid.workflows.match import decision_counts, score_queries
+from reid.workflows.match import decision_counts, score_queries, shortlist
 
 ROOT = Path(__file__).resolve().parents[1]
 SHORTLISTS = (10, 25, 50, 100, 200)
@@ -81,6 +104,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--configs",
+        help="comma-separated presets of conf/matching/ to compare (only them: the protocol above is skipped)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     name = "synthetic" if args.synthetic else args.labels.parent.name
@@ -94,6 +121,9 @@ def main() -> None:
     embedded = embed_images(embedder, table, progress=True)
     embed_ms = 1000 * (time.perf_counter() - start) / max(1, len(table))
     table, emb = table[embedded.ok].reset_index(drop=True), embedded.embeddings
+    if args.configs:
+        compare_configs(args.configs.split(","), table, emb, embed_ms, out, args.seed, args.calibration)
+        return
     config = KeypointConfig(method=args.keypoints)
     start = time.perf_counter()
     features, _ = extract_rows(table, config, progress=True)
@@ -168,6 +198,151 @@ def main() -> None:
     (out / "run.json").write_text(json.dumps(summary, indent=2))
     print((out / "results.md").read_text())
     print(f"results: {out}")
+
+
+def preset(name: str) -> tuple[KeypointConfig, ScoreFusion]:
+    """Return the keypoint settings and scoring of a conf/matching preset (or a .yaml file of one), over
+    conf/infer.yaml's defaults."""
+    path = Path(name) if name.endswith(".yaml") else ROOT / "conf" / "matching" / f"{name}.yaml"
+    if not path.is_file():
+        sys.exit(f"--configs: no preset {path}; choose from {sorted(p.stem for p in path.parent.glob('*.yaml'))}")
+    base, chosen = OmegaConf.load(ROOT / "conf" / "infer.yaml"), OmegaConf.load(path)
+    keypoints = OmegaConf.merge(base.keypoints, chosen.get("keypoints", {}))
+    scoring = OmegaConf.merge(base.scoring, chosen.get("scoring", {}))
+    return instantiate(keypoints), instantiate(scoring)
+
+
+def cached_features(table: pd.DataFrame, config: KeypointConfig, out: Path) -> tuple[list, float, int]:
+    """Return every picture's features, the ms per picture their extraction took, and keypoints.npz's bytes."""
+    key = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
+    path, timing = out / f"features-{config.method}-{key}.npz", out / f"features-{config.method}-{key}.json"
+    if path.is_file() and timing.is_file() and json.loads(timing.read_text())["pictures"] == len(table):
+        data = path.read_bytes()
+        return features_from_bytes(data)[0], json.loads(timing.read_text())["ms_per_picture"], len(data)
+    start = time.perf_counter()
+    features, _ = extract_local_features(table, config, progress=True)
+    ms = 1000 * (time.perf_counter() - start) / max(1, len(table))
+    data = features_to_bytes(features, config)
+    path.write_bytes(data)
+    timing.write_text(json.dumps({"pictures": len(table), "ms_per_picture": ms}))
+    return features, ms, len(data)
+
+
+def compare_configs(
+    names: list[str], table: pd.DataFrame, emb: np.ndarray, embed_ms: float, out: Path, seed: int, calibration: str
+) -> None:
+    """Run each preset on the closed set (module docstring) and write configs.json and configs.md."""
+    ids = table["individual_id"].to_numpy(dtype=object)
+    allowed = allowed_pairs(table)
+    folds = individual_folds(table, seed)
+    encounters = table["encounter_id"].fillna("row:" + table["annotation_id"]).to_numpy(dtype=object)
+    sides = table["side"].fillna("unknown").to_numpy(dtype=object)
+    cosine_all = emb @ emb.T
+    gallery = Gallery.empty("bench", emb.shape[1])
+    gallery.add(table, emb, list(table["annotation_id"]))
+    search_ms = faiss_ms(emb, len(table))
+    rows = [
+        {
+            "configuration": "embedding alone",
+            **ranking_metrics(cosine_all, ids, allowed),
+            "ms_per_query": embed_ms + search_ms,
+            "ms_per_query_1000": embed_ms + search_ms,
+            "feature_bytes_per_picture": 4 * emb.shape[1],
+        }
+    ]
+    print(pd.DataFrame(rows).to_markdown(index=False, floatfmt=".3f"), flush=True)
+    members = pd.Series(np.arange(len(table))).groupby(encounters).indices
+    own = [np.asarray(members[e]) for e in encounters]
+    for name in names:
+        config, fusion = preset(name)
+        features, extract_ms, n_bytes = cached_features(table, config, out)
+        scorer = FusedScorer(
+            ScoreFusion(fusion.method, fusion.shortlist, fusion.rule, fusion.ranker),
+            emb,
+            features,
+            features,
+            config,
+            query_sides=sides,
+            lnbnn=lnbnn_ranker(features, sides) if fusion.uses_lnbnn else None,
+            lnbnn_exclude=own,
+            progress=True,
+        )
+        lnbnn_ms = 0.0
+        if fusion.uses_lnbnn:
+            start = time.perf_counter()
+            scorer.lnbnn_votes()
+            lnbnn_ms = 1000 * (time.perf_counter() - start) / len(table)
+        depth = fusion.shortlist if fusion.reranks else 50
+        cosine, shortlisted = shortlist(
+            gallery, emb, sides, scorer, depth, lambda found: encounters[found] == encounters[:, None]
+        )
+        start = time.perf_counter()
+        inliers, votes = scorer.raw_scores(shortlisted)
+        pair_ms = 1000 * (time.perf_counter() - start) / len(table)
+        same = (shortlisted >= 0) & (ids[np.clip(shortlisted, 0, None)] == ids[:, None])
+        fused = np.full(shortlisted.shape, -np.inf)
+        for fold in (0, 1):
+            fit = ((folds != fold)[:, None]) & (shortlisted >= 0)
+            fitted = ScoreFusion(fusion.method, fusion.shortlist, fusion.rule, fusion.ranker)
+            for part, raw, log_scale in (
+                ("keypoints", inliers, True),
+                ("lnbnn", votes, True),
+                ("embedding", cosine, False),
+            ):
+                if part in fusion.parts and (part != "embedding" or len(fusion.parts) > 1):
+                    setattr(fitted, part, fit_calibration(raw[fit], same[fit], method=calibration, log_scale=log_scale))  # type: ignore[arg-type, index]
+            inside = folds == fold
+            fused[inside] = fitted.combine(
+                cosine[inside],
+                None if inliers is None else inliers[inside],
+                None if votes is None else votes[inside],
+            )
+        # Shortlisted pictures by their fused score, every other one after them by the embedding.
+        lift = np.nanmax(np.abs(cosine_all)) + 2.0
+        scores = cosine_all - 2 * lift
+        valid = shortlisted >= 0
+        q, g = np.nonzero(valid)
+        scores[q, shortlisted[q, g]] = fused[q, g]
+        width = float(valid.sum(axis=1).mean())
+        lnbnn_1000 = lnbnn_ms * 1000 / max(1, len(table))
+        ms = embed_ms + search_ms + extract_ms + lnbnn_ms + pair_ms
+        rows.append(
+            {
+                "configuration": f"{Path(name).stem}: {config.method}, {fusion.method}, {fusion.ranker} B={fusion.shortlist}",
+                **ranking_metrics(scores, ids, allowed),
+                "ms_per_query": ms,
+                "ms_per_query_1000": embed_ms + search_ms + extract_ms + lnbnn_1000 + pair_ms,
+                "feature_bytes_per_picture": n_bytes / max(1, len(table)),
+                "shortlist_width": width,
+                "ms_extract": extract_ms,
+                "ms_lnbnn": lnbnn_ms,
+                "ms_pairs": pair_ms,
+            }
+        )
+        print(pd.DataFrame(rows).to_markdown(index=False, floatfmt=".3f"), flush=True)
+    table_out = pd.DataFrame(rows)
+    (out / "configs.json").write_text(json.dumps(table_out.to_dict("records"), indent=2))
+    header = (
+        f"Closed set, {len(table)} pictures of {len(set(ids))} individuals, same side, same-encounter pictures left "
+        "out; ms_per_query_1000 scales LNBNN to a gallery of 1,000 pictures:"
+    )
+    (out / "configs.md").write_text(header + "\n" + table_out.to_markdown(index=False, floatfmt=".3f") + "\n")
+    print(f"results: {out / 'configs.md'}")
+
+
+def ranking_metrics(scores: np.ndarray, ids: np.ndarray, allowed: np.ndarray) -> dict[str, float]:
+    """Return top-1, top-5, mAP and balanced top-1 (mean over individuals of their queries' top-1)."""
+    metrics = retrieval_metrics(scores, ids, ids, topk=(1, 5), allowed=allowed)
+    ranks = first_match_ranks(scores, ids, ids, allowed=allowed)
+    asked = ranks > 0
+    balanced = pd.Series(ranks[asked] == 1).groupby(ids[asked]).mean().mean()
+    return {
+        "top1": metrics["top1"],
+        "top5": metrics["top5"],
+        "mAP": metrics["mAP"],
+        "balanced_top1": float(balanced),
+        "queries": int(asked.sum()),
+    }
 
 
 def prepare(args: argparse.Namespace, out: Path) -> tuple[pd.DataFrame, Path]:

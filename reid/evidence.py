@@ -14,9 +14,10 @@ from reid.decisions import MatchResult
 from reid.errors import Problem
 from reid.gallery import Gallery
 from reid.images import ImageReadError
-from reid.keypoints import Features, KeypointConfig, draw_correspondences, extract_rows
+from reid.keypoints import Features, KeypointConfig, draw_correspondences
 from reid.keypoints import match as match_keypoints
 from reid.keypoints import read_crop as read_keypoint_crop
+from reid.matchers import extract_rows
 
 EVIDENCE_DIR = "evidence"
 

@@ -1,11 +1,13 @@
-"""Calibrated fusion of the learned embedding and the keypoint matcher.
+"""Calibrated fusion of the learned embedding, the local-feature matcher and the LNBNN vote.
 
-Each matcher's raw score (cosine similarity; verified keypoint correspondences)
+Each score (cosine similarity; the configured matcher's verified correspondences or
+confident matches; HotSpotter's LNBNN vote over the whole gallery's local features)
 is mapped to the probability that a pair of pictures shows the same individual,
-fitted on labelled pairs, and the calibrated scores are averaged, as WildFusion
-does. The keypoint matcher is too slow for a whole large gallery, so it re-ranks
-the embedding's shortlist of the best `shortlist` entries; with a shortlist as
-large as the gallery it ranks the whole gallery alone.
+fitted on labelled pairs, and any set of them is fused: by the sum of their
+log-odds (independent evidence) or their mean, as WildFusion does. The pair matcher
+is too slow for a whole large gallery, so it re-ranks a shortlist of the best
+`shortlist` entries, ranked by the embedding, by LNBNN, or the union of both
+(`ranker`); with a shortlist as large as the gallery it ranks the whole gallery.
 
 The fusion (method, shortlist, calibrations) is a small JSON document stored with
 the gallery, so decisions are always made on the scale the thresholds were
@@ -18,7 +20,7 @@ import json
 import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 from scipy.special import expit, logit
@@ -26,11 +28,17 @@ from sklearn.isotonic import IsotonicRegression
 from sklearn.linear_model import LogisticRegression
 
 from reid.errors import ReidError
-from reid.keypoints import Features, KeypointConfig, score_pairs
+from reid.keypoints import Features, KeypointConfig
+from reid.matchers import LnbnnRanker, local_features, score_pairs
 
 log = logging.getLogger(__name__)
 
-ScoreMethod = Literal["embedding", "keypoints", "fused"]
+ScoreMethod = str
+"""embedding | keypoints | lnbnn | fused (= embedding+keypoints) | any set of scores joined by +, e.g.
+embedding+keypoints+lnbnn."""
+Ranker = Literal["embedding", "lnbnn", "union"]
+RANKERS: tuple[str, ...] = get_args(Ranker)
+SCORES: tuple[str, ...] = ("embedding", "keypoints", "lnbnn")
 FusionRule = Literal["mean", "log_odds"]
 CalibrationMethod = Literal["logistic", "isotonic", "auto"]
 DEFAULT_CALIBRATION: CalibrationMethod = "auto"
@@ -38,7 +46,9 @@ MIN_ISOTONIC_PAIRS = 200
 """`auto` fits isotonic only when both kinds of pair number at least this many: on fewer, its steps make
 plateaus where dozens of different candidates share one probability; a logistic curve stays smooth."""
 """Isotonic: the keypoint score is step-shaped (no correspondences, then many), which a logistic curve fits badly."""
-SCORE_METHODS: tuple[str, ...] = ("embedding", "keypoints", "fused")
+SCORE_METHODS: tuple[str, ...] = ("embedding", "keypoints", "lnbnn", "fused")
+_LNBNN_LOOKAHEAD = 64
+"""A query that is itself in the gallery (calibration) looks this many neighbours past its own encounter's."""
 _EPS = 1e-6  # isotonic calibrations reach 0 and 1 exactly; log-odds need a finite value
 
 
@@ -133,63 +143,124 @@ def fit_calibration(
 
 @dataclass
 class ScoreFusion:
-    """How candidate scores are made: embedding alone, keypoints alone, or both calibrated and averaged."""
+    """How candidate scores are made: which scores (embedding, keypoints, lnbnn), calibrated and fused, on which shortlist."""
 
     method: ScoreMethod = "embedding"
+    """One score (embedding, keypoints, lnbnn), fused (embedding+keypoints), or any set joined by +."""
     shortlist: int = 200
-    """B: embedding neighbours re-scored by the keypoint matcher, per query. Generous by default: a young
+    """B: gallery entries re-scored by the keypoint matcher, per query. Generous by default: a young
     catalogue's embedding is weak, and a match outside the shortlist cannot be found (200 pairs take about
     0.1 s per query)."""
     rule: FusionRule = "log_odds"
     """How calibrated probabilities are fused: their mean (WildFusion), or the sum of their log-odds (independent
     evidence, naive Bayes), which lets a confident matcher outweigh an uninformative one."""
+    ranker: Ranker = "embedding"
+    """Where the shortlist comes from: the embedding's nearest entries, the entries LNBNN votes for most over the
+    whole gallery, or the union of both (up to 2B entries)."""
     embedding: Calibration | None = None
     keypoints: Calibration | None = None
+    lnbnn: Calibration | None = None
 
     def __post_init__(self) -> None:
-        if self.method not in SCORE_METHODS:
-            raise ReidError(f"score method {self.method!r} is not one of {', '.join(SCORE_METHODS)}")
+        parts = self.method.split("+") if isinstance(self.method, str) else []
+        if self.method != "fused" and (
+            not parts or any(p not in SCORES for p in parts) or len(set(parts)) != len(parts)
+        ):
+            raise ReidError(
+                f"score method {self.method!r} is not one of {', '.join(SCORE_METHODS)} or a set of "
+                f"{', '.join(SCORES)} joined by + (e.g. embedding+keypoints+lnbnn)"
+            )
         if self.rule not in ("mean", "log_odds"):
             raise ReidError(f"fusion rule {self.rule!r} is not one of mean, log_odds")
+        if self.ranker not in RANKERS:
+            raise ReidError(f"scoring.ranker={self.ranker!r} is not one of {', '.join(RANKERS)}")
         if self.shortlist < 1:
             raise ReidError(f"shortlist must be at least 1, got {self.shortlist}")
 
     @property
+    def parts(self) -> tuple[str, ...]:
+        """Return the scores that are fused, in the order of SCORES."""
+        named = ("embedding", "keypoints") if self.method == "fused" else tuple(self.method.split("+"))
+        return tuple(p for p in SCORES if p in named)
+
+    @property
     def uses_keypoints(self) -> bool:
-        """Whether the keypoint matcher takes part."""
-        return self.method != "embedding"
+        """Whether the gallery's local features take part (the pair matcher, or LNBNN as a score or a ranker)."""
+        return "keypoints" in self.parts or self.uses_lnbnn
+
+    @property
+    def uses_pair_matcher(self) -> bool:
+        """Whether the local-feature matcher re-scores the shortlisted pairs."""
+        return "keypoints" in self.parts
+
+    @property
+    def uses_lnbnn(self) -> bool:
+        """Whether LNBNN votes over the whole gallery (as a score or as the ranker)."""
+        return "lnbnn" in self.parts or self.ranker != "embedding"
+
+    @property
+    def reranks(self) -> bool:
+        """Whether a shortlist of B entries is re-scored (anything beyond the embedding's own ranking)."""
+        return self.parts != ("embedding",) or self.ranker != "embedding"
 
     @property
     def calibrated(self) -> bool:
         """Whether every calibration the method needs is fitted."""
-        return not (
-            (self.method in ("keypoints", "fused") and self.keypoints is None)
-            or (self.method == "fused" and self.embedding is None)
-        )
+        parts = self.parts
+        if parts == ("embedding",):
+            return True
+        return all(getattr(self, p) is not None for p in parts)
 
-    def combine(self, cosine: np.ndarray, inliers: np.ndarray | None) -> np.ndarray:
-        """Return the final scores of pairs from their cosine similarities and keypoint inlier counts.
+    def combine(
+        self,
+        cosine: np.ndarray,
+        inliers: np.ndarray | None = None,
+        lnbnn: np.ndarray | None = None,
+        *,
+        absent_is_neutral: bool = False,
+    ) -> np.ndarray:
+        """Return the final scores of pairs from their cosine similarities, keypoint scores and LNBNN votes.
 
-        Embedding alone keeps the cosine; keypoints alone is P(same | inliers),
-        or the raw count before calibration; fused is the mean of both probabilities,
-        or with rule log_odds the probability whose log-odds are the sum of theirs.
+        Embedding alone keeps the cosine; one other score alone is its calibrated
+        P(same), or the raw score before calibration; several are fused: the mean of
+        their probabilities, or with rule log_odds the probability whose log-odds are
+        their sum. `absent_is_neutral` lets a score that could not be computed for these
+        pairs (None) add no evidence instead of failing.
         """
         cosine = np.asarray(cosine, dtype=float)
-        if self.method == "embedding":
+        parts = self.parts
+        if parts == ("embedding",):
             return cosine
-        if inliers is None:
-            raise ReidError(f"score method {self.method} needs keypoint inlier counts")
-        inliers = np.where(np.isfinite(cosine), np.asarray(inliers, dtype=float), -np.inf)
-        if self.method == "keypoints":
-            return self.keypoints(inliers) if self.keypoints is not None else inliers
-        if self.embedding is None or self.keypoints is None:
-            raise ReidError("fused scores need both calibrations; run calibration (`python infer.py mode=calibrate`)")
-        p_embedding, p_keypoints = self.embedding(cosine), self.keypoints(inliers)
+        raw: dict[str, np.ndarray | None] = {"embedding": cosine, "keypoints": inliers, "lnbnn": lnbnn}
+        for name in ("keypoints", "lnbnn"):
+            value = raw[name]
+            if value is not None:
+                raw[name] = np.where(np.isfinite(cosine), np.asarray(value, dtype=float), -np.inf)
+            elif name in parts and not absent_is_neutral:
+                what = "keypoint scores" if name == "keypoints" else "LNBNN votes"
+                raise ReidError(f"score method {self.method} needs {what}")
+        if len(parts) == 1:
+            value, calibration = raw[parts[0]], getattr(self, parts[0])
+            assert value is not None
+            return calibration(value) if calibration is not None else value
+        missing = [p for p in parts if getattr(self, p) is None]
+        if missing:
+            raise ReidError(
+                f"score method {self.method} needs calibrations of {', '.join(missing)}; run calibration "
+                "(`python infer.py mode=calibrate`)"
+            )
+        probabilities = []
+        for name in parts:
+            value = raw[name]
+            if value is None:
+                continue
+            calibration = getattr(self, name)
+            probabilities.append(np.clip(calibration(value), _EPS, 1 - _EPS))
         if self.rule == "mean":
-            fused = (p_embedding + p_keypoints) / 2
+            fused = np.mean(probabilities, axis=0)
         else:
-            # Both calibrations assume a 50/50 prior, so the prior's log-odds (0) need not be subtracted.
-            fused = expit(logit(np.clip(p_embedding, _EPS, 1 - _EPS)) + logit(np.clip(p_keypoints, _EPS, 1 - _EPS)))
+            # Every calibration assumes a 50/50 prior, so the prior's log-odds (0) need not be subtracted.
+            fused = expit(np.sum([logit(p) for p in probabilities], axis=0))
         return np.where(np.isfinite(cosine), fused, -np.inf)
 
     def to_json(self) -> str:
@@ -198,7 +269,7 @@ class ScoreFusion:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> ScoreFusion:
-        """Read a fusion written by `to_json`."""
+        """Read a fusion written by `to_json` (also those written before LNBNN took part)."""
         try:
             data = json.loads(text)
             calibrations = {
@@ -207,12 +278,13 @@ class ScoreFusion:
                 )
                 if data.get(name)
                 else None
-                for name in ("embedding", "keypoints")
+                for name in SCORES
             }
             return cls(
                 method=data["method"],
                 shortlist=int(data["shortlist"]),
                 rule=data.get("rule", "log_odds"),
+                ranker=data.get("ranker", "embedding"),
                 **calibrations,
             )
         except (ValueError, KeyError, TypeError) as err:
@@ -230,6 +302,9 @@ class FusedScorer:
         gallery_features: Sequence[Features] | None = None,
         keypoint_config: KeypointConfig | None = None,
         *,
+        query_sides: Sequence[str] | np.ndarray | None = None,
+        lnbnn: LnbnnRanker | None = None,
+        lnbnn_exclude: Sequence[np.ndarray] | None = None,
         progress: bool = False,
     ) -> None:
         if fusion.uses_keypoints and (query_features is None or gallery_features is None or keypoint_config is None):
@@ -241,41 +316,94 @@ class FusedScorer:
         self.query_embeddings = np.asarray(query_embeddings, dtype=np.float32)
         self.query_features, self.gallery_features = query_features, gallery_features
         self.keypoint_config = keypoint_config or KeypointConfig()
+        self.query_sides = (
+            np.asarray(query_sides, dtype=object)
+            if query_sides is not None
+            else np.full(len(query_embeddings), "unknown")
+        )
+        if fusion.uses_lnbnn and lnbnn is None:
+            raise ReidError(
+                f"score method {fusion.method} with ranker {fusion.ranker} needs the gallery's LNBNN ranker"
+            )
+        self.lnbnn = lnbnn
+        self.lnbnn_exclude = lnbnn_exclude
+        self._votes: np.ndarray | None = None
         self.progress = progress
 
     @property
     def depth(self) -> int:
-        """Return how many embedding neighbours each query needs: the shortlist when keypoints re-rank."""
+        """Return how many entries each query's shortlist holds when it is re-scored."""
         return self.fusion.shortlist
+
+    def lnbnn_votes(self) -> np.ndarray:
+        """Return the (Q, G) LNBNN votes of every query for every gallery entry (computed once)."""
+        if self._votes is None:
+            if self.lnbnn is None or self.query_features is None:
+                raise ReidError(f"score method {self.fusion.method} needs LNBNN over the gallery's keypoint features")
+            votes = np.zeros((len(self.query_features), len(self.lnbnn)), dtype=np.float32)
+            for q, features in enumerate(self.query_features):
+                exclude = self.lnbnn_exclude[q] if self.lnbnn_exclude is not None else ()
+                votes[q] = self.lnbnn.picture_scores(
+                    local_features(features),
+                    str(self.query_sides[q]),
+                    exclude=exclude,
+                    lookahead=_LNBNN_LOOKAHEAD if len(exclude) else None,
+                )
+            self._votes = votes
+        return self._votes
+
+    def raw_scores(self, rows: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """Return the raw (Q, k) keypoint scores and LNBNN votes of the queries' gallery rows (None where unused)."""
+        valid = np.argwhere(rows >= 0)
+        inliers = votes = None
+        if self.fusion.uses_pair_matcher:
+            assert self.query_features is not None and self.gallery_features is not None
+            pairs = np.stack([valid[:, 0], rows[valid[:, 0], valid[:, 1]]], axis=1)
+            inliers = np.full(rows.shape, -np.inf)
+            inliers[valid[:, 0], valid[:, 1]] = score_pairs(
+                self.query_features, self.gallery_features, pairs, self.keypoint_config, progress=self.progress
+            )
+        if "lnbnn" in self.fusion.parts:
+            votes = np.take_along_axis(self.lnbnn_votes(), np.clip(rows, 0, None), axis=1).astype(np.float64)
+            votes = np.where(rows >= 0, votes, -np.inf)
+        return inliers, votes
 
     def rescore(self, cosine: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """Return final (Q, k) scores of the queries' shortlisted gallery rows (-inf where a row is -1)."""
         cosine = np.where(rows >= 0, cosine, -np.inf)
-        if not self.fusion.uses_keypoints:
+        if self.fusion.parts == ("embedding",):
             return cosine
-        assert self.query_features is not None and self.gallery_features is not None
-        valid = np.argwhere(rows >= 0)
-        pairs = np.stack([valid[:, 0], rows[valid[:, 0], valid[:, 1]]], axis=1)
-        inliers = np.full(rows.shape, -np.inf)
-        inliers[valid[:, 0], valid[:, 1]] = score_pairs(
-            list(self.query_features),
-            list(self.gallery_features),
-            pairs,
-            self.keypoint_config,
-            progress=self.progress,
-        )
-        return self.fusion.combine(cosine, inliers)
+        inliers, votes = self.raw_scores(rows)
+        return self.fusion.combine(cosine, inliers, votes)
 
     def similarity(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        """Return the (len(a), len(b)) final scores between query captures a and b (indices into the queries)."""
+        """Return the (len(a), len(b)) final scores between query captures a and b (indices into the queries).
+
+        LNBNN votes over the gallery, not between two queries: between queries it adds no evidence.
+        """
         cosine = np.asarray(self.query_embeddings[a] @ self.query_embeddings[b].T)
-        if not self.fusion.uses_keypoints:
+        if self.fusion.parts == ("embedding",):
             return cosine
-        assert self.query_features is not None
-        pairs = np.array([(i, j) for i in a for j in b], dtype=np.int64).reshape(-1, 2)
-        # The matcher compares two pictures the same way whichever is the query.
-        inliers = score_pairs(list(self.query_features), list(self.query_features), pairs, self.keypoint_config)
-        return self.fusion.combine(cosine, inliers.reshape(len(a), len(b)))
+        inliers = None
+        if self.fusion.uses_pair_matcher:
+            assert self.query_features is not None
+            pairs = np.array([(i, j) for i in a for j in b], dtype=np.int64).reshape(-1, 2)
+            # The matcher compares two pictures the same way whichever is the query.
+            scored = score_pairs(self.query_features, self.query_features, pairs, self.keypoint_config)
+            inliers = scored.reshape(len(a), len(b))
+        if self.fusion.parts == ("lnbnn",):
+            return cosine
+        return self.fusion.combine(cosine, inliers, None, absent_is_neutral=True)
+
+
+def lnbnn_ranker(features: Sequence[Features], sides: Sequence[str] | np.ndarray | None, *, k: int = 4) -> LnbnnRanker:
+    """Return the LNBNN ranker over a gallery's stored features, every entry its own label, searched by side."""
+    return LnbnnRanker(
+        [local_features(f) for f in features],
+        [str(i) for i in range(len(features))],
+        None if sides is None else [str(s) for s in sides],
+        k=k,
+    )
 
 
 def _transform(scores: np.ndarray, log_scale: bool) -> np.ndarray:

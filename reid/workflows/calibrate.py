@@ -22,13 +22,21 @@ from reid.catalogue import SEARCHED_SIDES
 from reid.decisions import Thresholds, calibrate, decide
 from reid.errors import Problem, ReidError
 from reid.files import write_csv
-from reid.fusion import DEFAULT_CALIBRATION, CalibrationMethod, FusedScorer, ScoreFusion, fit_calibration
+from reid.fusion import (
+    DEFAULT_CALIBRATION,
+    CalibrationMethod,
+    FusedScorer,
+    ScoreFusion,
+    fit_calibration,
+    lnbnn_ranker,
+)
 from reid.gallery import Gallery, gallery_lock
 from reid.importers import Source, load_source
-from reid.keypoints import Features, KeypointConfig, extract_rows
+from reid.keypoints import Features, KeypointConfig
+from reid.matchers import extract_rows
 from reid.models import Embedder, embed_images, model_fingerprint
 from reid.workflows.common import Outcome
-from reid.workflows.match import UNCALIBRATED
+from reid.workflows.match import UNCALIBRATED, shortlist
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +86,7 @@ def calibrate_thresholds(
     them, each matcher's score is calibrated first (module docstring).
     """
     settings = settings or CalibrationSettings()
-    fusion = ScoreFusion() if fusion is None else ScoreFusion(fusion.method, fusion.shortlist, fusion.rule)
+    fusion = ScoreFusion() if fusion is None else _unfitted(fusion)
     keep = labelled["individual_id"].notna().to_numpy()
     labelled, embeddings = labelled[keep].reset_index(drop=True), embeddings[keep]
     if features is not None:
@@ -117,17 +125,19 @@ def calibrate_gallery(
     embedder: Embedder | None = None,
     fusion: ScoreFusion | None = None,
     settings: CalibrationSettings | None = None,
+    keypoints: KeypointConfig | None = None,
     progress: bool = True,
 ) -> tuple[Thresholds, pd.DataFrame, list[Problem]]:
     """Calibrate the scores and thresholds on the gallery's own entries (or on `labelled` data); save them with it.
 
     `fusion` says which scores decide (embedding, keypoints or fused, and the
     shortlist); its calibrations are fitted here. Returns the thresholds, the
-    per-encounter scores they were chosen on, and problems.
+    per-encounter scores they were chosen on, and problems. `keypoints` (the run's
+    settings) must name the matcher the gallery's features were made with.
     """
     problems: list[Problem] = []
     fusion = fusion or ScoreFusion()
-    stored = gallery.require_keypoints(fusion)
+    stored = gallery.require_keypoints(fusion, keypoints)
     features = list(stored.features) if stored is not None else None
     keypoint_config = stored.config if stored is not None else None
     if labelled is None:
@@ -164,6 +174,7 @@ def run_calibrate(
     labelled: Source | None = None,
     fusion: ScoreFusion | None = None,
     settings: CalibrationSettings | None = None,
+    keypoints: KeypointConfig | None = None,
     progress: bool = True,
 ) -> Outcome:
     """`infer.py mode=calibrate`: calibrate on the gallery's entries (or a labelled source); write calibration.csv."""
@@ -171,7 +182,14 @@ def run_calibrate(
     with gallery_lock(gallery_dir):
         gallery = Gallery.load(gallery_dir, embedder_fingerprint=model_fingerprint(embedder))
         thresholds, scores, more = calibrate_gallery(
-            gallery, gallery_dir, labelled=table, embedder=embedder, fusion=fusion, settings=settings, progress=progress
+            gallery,
+            gallery_dir,
+            labelled=table,
+            embedder=embedder,
+            fusion=fusion,
+            settings=settings,
+            keypoints=keypoints,
+            progress=progress,
         )
     rates = {name.replace("_", " "): _stated(r) for name, r in thresholds.rates().items()}
     return Outcome(
@@ -227,7 +245,9 @@ class _Candidates:
     cosine: np.ndarray
     """(N, K) embedding similarities."""
     inliers: np.ndarray | None
-    """(N, K) verified keypoint correspondences, None without keypoints."""
+    """(N, K) raw keypoint-matcher scores, None when the matcher takes no part."""
+    lnbnn: np.ndarray | None
+    """(N, K) raw LNBNN votes, None when LNBNN is no score."""
     same: np.ndarray
     """(N, K) whether the candidate is the picture's own individual."""
 
@@ -245,39 +265,57 @@ def _candidates(
     gallery = _in_memory_gallery(labelled, embeddings, np.ones(len(labelled), dtype=bool))
     encounters = labelled["encounter_id"].fillna("row:" + labelled["annotation_id"]).to_numpy(dtype=object)
     sides = labelled["side"].fillna("unknown").to_numpy(dtype=object)
-    depth = fusion.shortlist if fusion.uses_keypoints else settings.k
-    cosine, rows = gallery.search(embeddings, sides, depth)
-    rows = np.where((rows >= 0) & (encounters[np.clip(rows, 0, None)] == encounters[:, None]), -1, rows)
-    cosine = np.where(rows >= 0, cosine, -np.inf)
-    inliers = None
+    depth = fusion.shortlist if fusion.reranks else settings.k
+    own: list[np.ndarray] | None = None
+    if fusion.uses_lnbnn:
+        members = pd.Series(np.arange(len(labelled))).groupby(encounters).indices
+        own = [np.asarray(members[e]) for e in encounters]
     if fusion.uses_keypoints:
         assert features is not None and keypoint_config is not None
-        raw = FusedScorer(
-            ScoreFusion("keypoints", fusion.shortlist),
+        scorer = FusedScorer(
+            _unfitted(fusion),
             embeddings,
             features,
             features,
             keypoint_config,
+            query_sides=sides,
+            lnbnn=lnbnn_ranker(features, sides) if fusion.uses_lnbnn else None,
+            lnbnn_exclude=own,
             progress=progress,
         )
-        inliers = raw.rescore(cosine, rows)  # uncalibrated: the raw counts
+    else:
+        scorer = FusedScorer(_unfitted(fusion), embeddings, query_sides=sides)
+    cosine, rows = shortlist(
+        gallery, embeddings, sides, scorer, depth, lambda found: encounters[found] == encounters[:, None]
+    )
+    inliers, votes = scorer.raw_scores(rows)  # uncalibrated
     individuals = labelled["individual_id"].to_numpy(dtype=object)
     same = (rows >= 0) & (individuals[np.clip(rows, 0, None)] == individuals[:, None])
-    return _Candidates(rows, cosine, inliers, same)
+    return _Candidates(rows, cosine, inliers, votes, same)
+
+
+def _unfitted(fusion: ScoreFusion) -> ScoreFusion:
+    """Return the fusion's settings without its calibrations."""
+    return ScoreFusion(fusion.method, fusion.shortlist, fusion.rule, fusion.ranker)
 
 
 def _fitted(
     fusion: ScoreFusion, candidates: _Candidates, queries: np.ndarray, settings: CalibrationSettings
 ) -> ScoreFusion:
     """Return `fusion` with its matchers' calibrations fitted on the shortlisted pairs of the `queries` rows."""
-    fitted = ScoreFusion(fusion.method, fusion.shortlist, fusion.rule)
-    if not fusion.uses_keypoints:
+    fitted = _unfitted(fusion)
+    parts = fusion.parts
+    if parts == ("embedding",):
         return fitted
-    assert candidates.inliers is not None
     valid = (candidates.rows >= 0) & queries[:, None]
     same = candidates.same[valid]
-    fitted.keypoints = fit_calibration(candidates.inliers[valid], same, method=settings.method, log_scale=True)
-    if fusion.method == "fused":
+    if "keypoints" in parts:
+        assert candidates.inliers is not None
+        fitted.keypoints = fit_calibration(candidates.inliers[valid], same, method=settings.method, log_scale=True)
+    if "lnbnn" in parts:
+        assert candidates.lnbnn is not None
+        fitted.lnbnn = fit_calibration(candidates.lnbnn[valid], same, method=settings.method, log_scale=True)
+    if "embedding" in parts:
         fitted.embedding = fit_calibration(candidates.cosine[valid], same, method=settings.method)
     return fitted
 
@@ -299,7 +337,7 @@ def _cross_fitted_decisions(
     """
     individuals = labelled["individual_id"].to_numpy(dtype=object)
     scores = candidates.cosine.copy()
-    if fusion.uses_keypoints:
+    if fusion.parts != ("embedding",):
         names = np.array(sorted(set(individuals)), dtype=object)
         half = np.random.default_rng(settings.seed).permutation(len(names)) % 2
         fold = dict(zip(names, half, strict=True))
@@ -307,7 +345,11 @@ def _cross_fitted_decisions(
         for k in (0, 1):
             fitted = _fitted(fusion, candidates, in_fold != k, settings)
             rows = in_fold == k
-            scores[rows] = fitted.combine(candidates.cosine[rows], candidates.inliers[rows])  # type: ignore[index]
+            scores[rows] = fitted.combine(
+                candidates.cosine[rows],
+                None if candidates.inliers is None else candidates.inliers[rows],
+                None if candidates.lnbnn is None else candidates.lnbnn[rows],
+            )
     encounters = labelled["encounter_id"].fillna("row:" + labelled["annotation_id"]).astype("string")
     queries = labelled.assign(encounter_id=encounters).reset_index(drop=True)
     gallery_ids = labelled["individual_id"].to_numpy(dtype=object)

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from reid import __version__
-from reid.catalogue import save_catalogue
+from reid.catalogue import SEARCHED_SIDES, save_catalogue
 from reid.census import count_bounds
 from reid.decisions import (
     DECISION_COLUMNS,
@@ -39,7 +39,6 @@ from reid.files import atomic_write, write_csv
 from reid.fusion import FusedScorer, ScoreFusion, lnbnn_ranker
 from reid.gallery import Gallery, GalleryError
 from reid.importers import Source, load_source
-from reid.catalogue import SEARCHED_SIDES
 from reid.keypoints import Features, KeypointConfig
 from reid.matchers import extract_rows
 from reid.models import Embedder, embed_images, model_fingerprint
