@@ -131,10 +131,8 @@ class RunInfo:
 def find_match_run(runs_dir: str | Path, run: str | Path | None = None) -> Path:
     """Return the match run folder `run` (a path), or the newest run under `runs_dir` that has a run.json."""
     if run not in (None, "", "latest"):
-        folder = Path(str(run))
-        if not (folder / RUN_FILE).is_file():
-            RunInfo.load(folder)  # raises with the reason
-        return folder
+        RunInfo.load(str(run))  # says why when it is not a run folder
+        return Path(str(run))
     found = sorted(Path(runs_dir).glob(f"*/{RUN_FILE}"), key=lambda p: p.stat().st_mtime)
     if not found:
         raise ReviewError(
@@ -206,14 +204,20 @@ class ReviewLog:
         """
         if not self.path.is_file():
             return _typed([])
-        text = self.path.read_text(encoding="utf-8")
+        try:
+            # utf-8-sig: a spreadsheet that saved the log may have put a byte-order mark in front.
+            text = self.path.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError as err:
+            raise ReviewError(
+                f"{self.path}: not UTF-8 text (byte {err.start}); save it again as CSV UTF-8, or restore it"
+            ) from err
         if text and not text.endswith("\n"):
             # A machine that stopped mid-write leaves a partial last row: it never counted, so drop it.
             log.warning("%s: the last row was cut off (the machine stopped while writing it); ignored", self.path)
             text = text[: text.rfind("\n") + 1]
-        rows = list(csv.DictReader(io.StringIO(text)))
-        header = text.split("\n", 1)[0].split(",") if text else []
-        missing = [c for c in REVIEW_COLUMNS if c not in header]
+        reader = csv.DictReader(io.StringIO(text))
+        rows = list(reader)
+        missing = [c for c in REVIEW_COLUMNS if c not in (reader.fieldnames or [])]
         if text and missing:
             raise ReviewError(
                 f"{self.path}: columns {', '.join(missing)} are missing; restore the header line "

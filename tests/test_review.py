@@ -116,6 +116,7 @@ def test_each_reviewers_latest_answer_counts_and_disagreement_is_a_conflict(run_
         ),
         (lambda r: r.assign(run_id="another-run"), "row 2: made for another match run"),
         (lambda r: r.drop(columns="reviewer"), "columns reviewer are missing"),
+        (lambda r: r.assign(reviewer="Sérik"), "not UTF-8 text"),  # saved by a spreadsheet in Latin-1
     ],
 )
 def test_a_hand_edited_log_is_refused_by_row_and_nothing_is_enrolled(
@@ -126,7 +127,8 @@ def test_a_hand_edited_log_is_refused_by_row_and_nothing_is_enrolled(
     encounters = list(run.decisions["encounter_id"].dropna().unique())
     log.append(reviewer="ana", encounter_id=encounters[0], action="other", individual_id="KZ-0001")
     log.append(reviewer="ana", encounter_id=encounters[1], action="new")
-    edit(pd.read_csv(log.path, dtype=str, keep_default_na=False)).to_csv(log.path, index=False)
+    edited = edit(pd.read_csv(log.path, dtype=str, keep_default_na=False))
+    edited.to_csv(log.path, index=False, encoding="latin-1" if "Sérik" in set(edited.get("reviewer", [])) else "utf-8")
     gallery = run_copy.parent / "gallery"
     before = (gallery / "CURRENT").read_text()
     with pytest.raises(ReviewError, match=expected):
