@@ -28,6 +28,7 @@ from sklearn.isotonic import IsotonicRegression
 from sklearn.linear_model import LogisticRegression
 
 from reid.errors import ReidError
+from reid.index import IndexKind
 from reid.keypoints import Features, KeypointConfig
 from reid.matchers import LnbnnRanker, local_features, score_pairs
 
@@ -157,6 +158,9 @@ class ScoreFusion:
     ranker: Ranker = "embedding"
     """Where the shortlist comes from: the embedding's nearest entries, the entries LNBNN votes for most over the
     whole gallery, or the union of both (up to 2B entries)."""
+    lnbnn_index: IndexKind = "flat"
+    """How LNBNN searches the gallery's descriptors: flat (exact; about 1 s per query against 300 pictures of
+    512 features on 2 cores) or ivf / hnsw (approximate, several times faster, built once per run)."""
     embedding: Calibration | None = None
     keypoints: Calibration | None = None
     lnbnn: Calibration | None = None
@@ -176,6 +180,8 @@ class ScoreFusion:
             raise ReidError(f"scoring.ranker={self.ranker!r} is not one of {', '.join(RANKERS)}")
         if self.shortlist < 1:
             raise ReidError(f"shortlist must be at least 1, got {self.shortlist}")
+        if self.lnbnn_index not in get_args(IndexKind):
+            raise ReidError(f"scoring.lnbnn_index={self.lnbnn_index!r} is not one of {', '.join(get_args(IndexKind))}")
 
     @property
     def parts(self) -> tuple[str, ...]:
@@ -285,6 +291,7 @@ class ScoreFusion:
                 shortlist=int(data["shortlist"]),
                 rule=data.get("rule", "log_odds"),
                 ranker=data.get("ranker", "embedding"),
+                lnbnn_index=data.get("lnbnn_index", "flat"),
                 **calibrations,
             )
         except (ValueError, KeyError, TypeError) as err:
@@ -305,6 +312,7 @@ class FusedScorer:
         query_sides: Sequence[str] | np.ndarray | None = None,
         lnbnn: LnbnnRanker | None = None,
         lnbnn_exclude: Sequence[np.ndarray] | None = None,
+        precomputed_votes: np.ndarray | None = None,
         progress: bool = False,
     ) -> None:
         if fusion.uses_keypoints and (query_features is None or gallery_features is None or keypoint_config is None):
@@ -327,7 +335,7 @@ class FusedScorer:
             )
         self.lnbnn = lnbnn
         self.lnbnn_exclude = lnbnn_exclude
-        self._votes: np.ndarray | None = None
+        self._votes = None if precomputed_votes is None else np.asarray(precomputed_votes, dtype=np.float32)
         self.progress = progress
 
     @property
@@ -396,13 +404,22 @@ class FusedScorer:
         return self.fusion.combine(cosine, inliers, None, absent_is_neutral=True)
 
 
-def lnbnn_ranker(features: Sequence[Features], sides: Sequence[str] | np.ndarray | None, *, k: int = 4) -> LnbnnRanker:
-    """Return the LNBNN ranker over a gallery's stored features, every entry its own label, searched by side."""
+def lnbnn_ranker(
+    features: Sequence[Features],
+    sides: Sequence[str] | np.ndarray | None,
+    *,
+    k: int = 4,
+    index_kind: IndexKind = "flat",
+) -> LnbnnRanker:
+    """Return the LNBNN ranker over a gallery's stored features, every entry its own label, searched by side.
+
+    `index_kind` hnsw or ivf searches the descriptors approximately: far faster on large galleries."""
     return LnbnnRanker(
         [local_features(f) for f in features],
         [str(i) for i in range(len(features))],
         None if sides is None else [str(s) for s in sides],
         k=k,
+        index_kind=index_kind,
     )
 
 

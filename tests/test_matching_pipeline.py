@@ -210,8 +210,11 @@ def test_a_fusion_written_before_lnbnn_still_reads() -> None:
     old = '{"method": "fused", "shortlist": 50, "rule": "log_odds", "embedding": null, "keypoints": null}'
     fusion = ScoreFusion.from_json(old)
     assert fusion.ranker == "embedding" and fusion.lnbnn is None and fusion.parts == ("embedding", "keypoints")
-    again = ScoreFusion.from_json(ScoreFusion("keypoints+lnbnn", ranker="union").to_json())
-    assert again.ranker == "union" and again.parts == ("keypoints", "lnbnn")
+    assert fusion.lnbnn_index == "flat"
+    again = ScoreFusion.from_json(ScoreFusion("keypoints+lnbnn", ranker="union", lnbnn_index="ivf").to_json())
+    assert again.ranker == "union" and again.parts == ("keypoints", "lnbnn") and again.lnbnn_index == "ivf"
+    with pytest.raises(ReidError, match=r"scoring\.lnbnn_index"):
+        ScoreFusion("lnbnn", lnbnn_index="exact")  # type: ignore[arg-type]
 
 
 def test_calibration_fits_every_score_of_an_lnbnn_fusion(flank_catalogue: pd.DataFrame) -> None:

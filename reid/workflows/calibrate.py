@@ -279,7 +279,7 @@ def _candidates(
             features,
             keypoint_config,
             query_sides=sides,
-            lnbnn=lnbnn_ranker(features, sides) if fusion.uses_lnbnn else None,
+            lnbnn=lnbnn_ranker(features, sides, index_kind=fusion.lnbnn_index) if fusion.uses_lnbnn else None,
             lnbnn_exclude=own,
             progress=progress,
         )
@@ -296,7 +296,7 @@ def _candidates(
 
 def _unfitted(fusion: ScoreFusion) -> ScoreFusion:
     """Return the fusion's settings without its calibrations."""
-    return ScoreFusion(fusion.method, fusion.shortlist, fusion.rule, fusion.ranker)
+    return ScoreFusion(fusion.method, fusion.shortlist, fusion.rule, fusion.ranker, fusion.lnbnn_index)
 
 
 def _fitted(

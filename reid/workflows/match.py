@@ -71,7 +71,11 @@ def make_scorer(
     if query_features is None:
         raise ReidError(f"score method {fusion.method} needs the queries' keypoint features")
     ranker = (
-        lnbnn_ranker(stored.features, gallery.entries["side"].fillna("unknown").to_numpy(dtype=object))
+        lnbnn_ranker(
+            stored.features,
+            gallery.entries["side"].fillna("unknown").to_numpy(dtype=object),
+            index_kind=fusion.lnbnn_index,
+        )
         if fusion.uses_lnbnn
         else None
     )
