@@ -80,6 +80,12 @@ CONFIDENCE = 0.95
 """The confidence of every error-rate bound the software states."""
 
 
+SELECTION_CONFIDENCE = 0.5
+"""Calibration judges a threshold by the median-unbiased estimate of its error rates: the rate at which seeing as
+few errors as it saw is a coin flip. On many decisions this is the observed share; on few it leans to caution
+(0 of 13 is 5.2 %, 0 of 5 is 13 %), which undoes the optimism of picking the best of many thresholds."""
+
+
 def rate_upper_bound(errors: int, decisions: int, confidence: float = CONFIDENCE) -> float:
     """Return the exact one-sided (Clopper-Pearson) upper confidence bound of an error rate seen as errors/decisions.
 
@@ -312,7 +318,11 @@ def _lowest_safe_threshold(
     """Return the lowest score threshold whose known decisions keep both error shares within target, or None.
 
     Like a q-value: the share of wrong IDs is over all the IDs a threshold gives, so a
-    threshold is judged by what an analyst would receive with it.
+    threshold is judged by what an analyst would receive with it. Each share is its
+    median-unbiased estimate (`SELECTION_CONFIDENCE`), not the raw fraction: of the
+    many thresholds tried, the raw fraction picks one that looked lucky on few
+    decisions (0 wrong of 5 meets any target), which then gives more wrong IDs than
+    it promised.
     """
     scores = np.concatenate([known_top[known_eligible], unseen_top[unseen_eligible]])
     wrong = np.concatenate([~known_correct[known_eligible], np.ones(int(unseen_eligible.sum()), bool)])
@@ -324,8 +334,8 @@ def _lowest_safe_threshold(
     order = np.argsort(-scores, kind="stable")
     scores, wrong, merge = scores[order], wrong[order], merge[order]
     decided = np.arange(1, len(scores) + 1)
-    wrong_share = np.cumsum(wrong) / decided
-    merged_share = np.cumsum(merge) / max(len(unseen_top), 1)
+    wrong_share = _median_unbiased(np.cumsum(wrong), decided)
+    merged_share = _median_unbiased(np.cumsum(merge), np.full(len(scores), max(len(unseen_top), 1)))
     # Equal scores are decided together: a threshold sits after the last of a tie.
     last_of_tie = np.append(scores[1:] != scores[:-1], True)
     safe = np.flatnonzero(last_of_tie & (wrong_share <= max_wrong_id) & (merged_share <= max_false_merge))
@@ -335,6 +345,14 @@ def _lowest_safe_threshold(
     # Just above the next lower score, not at the lowest one decided: a right match a little below every
     # calibration score is still taken, and nothing that broke the target is.
     return float(np.nextafter(scores[lowest + 1], np.inf)) if lowest + 1 < len(scores) else float(scores[lowest])
+
+
+def _median_unbiased(errors: np.ndarray, decisions: np.ndarray) -> np.ndarray:
+    """Return the one-sided Clopper-Pearson bound at `SELECTION_CONFIDENCE` of each errors/decisions (1 if all wrong)."""
+    errors, decisions = np.asarray(errors, dtype=float), np.asarray(decisions, dtype=float)
+    all_wrong = errors >= decisions
+    bound = beta.ppf(SELECTION_CONFIDENCE, errors + 1, np.where(all_wrong, 1.0, decisions - errors))
+    return np.where(all_wrong, 1.0, bound)
 
 
 def _support_notes(thresholds: Thresholds, min_decisions: int) -> list[str]:

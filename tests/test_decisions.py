@@ -42,31 +42,42 @@ def test_thresholds_decide_three_ways() -> None:
 
 
 def test_calibration_controls_wrong_ids_among_the_ids_given_on_hand_made_scores() -> None:
-    known_top = np.array([0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.62, 0.55, 0.3])
-    known_correct = np.array([True] * 9 + [False])
-    unseen_top = np.array([0.72, 0.6, 0.5, 0.45, 0.4, 0.35, 0.3, 0.25, 0.2, 0.1])
+    # Ten calibration encounters at each score.
+    known_top = np.repeat([0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.62, 0.55, 0.3], 10)
+    known_correct = np.repeat([True] * 9 + [False], 10)
+    unseen_top = np.repeat([0.72, 0.6, 0.5, 0.45, 0.4, 0.35, 0.3, 0.25, 0.2, 0.1], 10)
     t = calibrate(known_top, known_correct, unseen_top, max_wrong_id=0.1, max_false_merge=0.1, max_false_new=0.1)
-    # From the top: 0.95 .. 0.75 are five right IDs; the unseen 0.72 would make 1 wrong of 6 (17 %), and no lower
-    # threshold gets back under 10 % (0.62: 1 of 9; 0.6: 2 of 10): "known" sits just above 0.72.
+    # From the top: 0.95 .. 0.75 are 50 right IDs; the unseen 0.72 would make 10 wrong of 60 (17 %), and no lower
+    # threshold gets back under 10 % (0.62: 10 of 90, 11 %; 0.6: 20 of 100): "known" sits just above 0.72.
     assert t.known == pytest.approx(0.72) and t.known > 0.72 and t.margin == 0.0
-    # One of 10 known queries may be called new: "new" is the second lowest known score, 0.55.
+    # 10 of 100 known queries may be called new: "new" is the lowest score above the ten lowest, 0.55.
     assert t.new == pytest.approx(0.55)
-    assert (t.wrong_ids, t.known_decisions) == (0, 5)
-    assert (t.false_new, t.known_queries) == (1, 10)  # the 0.3
-    assert (t.false_merges, t.unseen_queries) == (0, 10)
-    assert t.reviewed == 4 + 2  # known 0.7, 0.65, 0.62, 0.55; unseen 0.72, 0.6
+    assert (t.wrong_ids, t.known_decisions) == (0, 50)
+    assert (t.false_new, t.known_queries) == (10, 100)  # the 0.3s
+    assert (t.false_merges, t.unseen_queries) == (0, 100)
+    assert t.reviewed == 60  # known 0.7, 0.65, 0.62, 0.55; unseen 0.72, 0.6
     rates = t.rates()
-    assert rates["wrong_id"]["upper_bound"] == pytest.approx(1 - 0.05 ** (1 / 5))  # 0 of 5: 45 %
-    # 5 decisions cannot support a 10 % target, and the thresholds say so.
-    assert any("5 calibration decisions" in note and "wrong id" in note for note in t.notes)
+    assert rates["wrong_id"]["upper_bound"] == pytest.approx(1 - 0.05 ** (1 / 50))  # 0 of 50: 5.8 %
+    assert not any("wrong id" in note for note in t.notes)  # 50 decisions support a 10 % target
+
+
+def test_a_threshold_that_only_looks_safe_on_a_few_decisions_is_not_chosen() -> None:
+    # Three right IDs and nothing else above the best impostor: 0 wrong of 3 is no evidence of a 10 % error rate
+    # (its median-unbiased estimate is 1 - 0.5 ** (1 / 3) = 21 %), so nothing is decided known.
+    unseen = np.array([0.7, *np.full(29, 0.2)])
+    few = calibrate(np.array([0.9, 0.85, 0.8]), np.ones(3, bool), unseen, max_wrong_id=0.1)
+    assert not few.decides_known
+    # With 30 right IDs above it, the same picture supports the target (0 of 30: 2.3 %).
+    many = calibrate(np.linspace(0.8, 0.9, 30), np.ones(30, bool), unseen, max_wrong_id=0.1)
+    assert many.decides_known and many.known == pytest.approx(0.7) and many.wrong_ids == 0
 
 
 def test_a_margin_over_the_runner_up_is_used_where_it_lets_more_right_ids_through() -> None:
     # Two confident wrong IDs score high but barely lead their runner-up; the right ones lead clearly.
-    known_top = np.array([0.95, 0.9, 0.88, 0.85, 0.8])
-    known_correct = np.array([False, True, False, True, True])
-    known_margin = np.array([0.01, 0.3, 0.02, 0.25, 0.2])
-    unseen_top, unseen_margin = np.array([0.5, 0.4]), np.array([0.05, 0.1])
+    known_top = np.repeat([0.95, 0.9, 0.88, 0.85, 0.8], 10)
+    known_correct = np.repeat([False, True, False, True, True], 10)
+    known_margin = np.repeat([0.01, 0.3, 0.02, 0.25, 0.2], 10)
+    unseen_top, unseen_margin = np.repeat([0.5, 0.4], 10), np.repeat([0.05, 0.1], 10)
     plain = calibrate(known_top, known_correct, unseen_top, max_wrong_id=0.1, max_false_merge=0.1)
     assert not plain.decides_known and "nothing is decided known" in plain.notes[0]
     t = calibrate(
@@ -79,7 +90,7 @@ def test_a_margin_over_the_runner_up_is_used_where_it_lets_more_right_ids_throug
         max_false_merge=0.1,
     )
     assert t.margin == pytest.approx(0.2) and t.known == pytest.approx(0.8)
-    assert (t.wrong_ids, t.known_decisions) == (0, 3)
+    assert (t.wrong_ids, t.known_decisions) == (0, 30)
     assert t.decide(np.array([0.95, 0.95]), np.array([0.01, 0.5])).tolist() == ["review", "known"]
 
 

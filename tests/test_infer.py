@@ -116,7 +116,7 @@ def test_end_to_end_decisions_and_counts_match_the_truth(tmp_path: Path, embedde
         labelled=labelled,
         embedder=embedder,
         fusion=ScoreFusion(method, shortlist=8),  # type: ignore[arg-type]
-        settings=CalibrationSettings(max_false_merge=0.0),
+        settings=CalibrationSettings(max_false_merge=0.02),  # 0 of 72 merges: a 1 % median-unbiased estimate
         progress=False,
     )
     stored = Gallery.load(tmp_path / "gallery")
