@@ -107,7 +107,9 @@ def test_every_infer_and_share_mode_runs_from_its_config(world: dict[str, Path],
 
     calibrated = _run(infer, _compose("infer", world, "calibrate", "mode=calibrate", *small))
     stored = Gallery.load(gallery)
-    assert stored.thresholds is not None and stored.fusion.method == "fused" and stored.fusion.calibrated
+    # The default preset (conf/matching/weight_free.yaml) fuses the embedding, RootSIFT and LNBNN.
+    assert stored.thresholds is not None and stored.fusion.parts == ("embedding", "keypoints", "lnbnn")
+    assert stored.fusion.calibrated and stored.fusion.ranker == "union"
     assert len(pd.read_csv(calibrated.files["scores"])) > 0  # type: ignore[attr-defined]
 
     matched = _run(infer, _compose("infer", world, "match", "mode=match", *data, *small))
