@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 import threading
 import webbrowser
@@ -158,6 +159,16 @@ def _first_thumb(card: dict[str, Any] | None) -> str:
 
 def serve(app: Flask, *, host: str = "127.0.0.1", port: int = 8765, open_browser: bool = True) -> None:
     """Serve the review page until interrupted (Ctrl-C), printing its address; open a browser where there is one."""
+    # Werkzeug exits the process when the port is taken: find out first, and say what to do.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            raise ReviewError(
+                f"cannot serve the review page on {host}:{port} ({err.strerror}); another review page may be open "
+                "there: use it, or choose another port (review.port=0 picks a free one)"
+            ) from err
     server: BaseWSGIServer = make_server(host, port, app, threaded=True)
     address = f"http://{host}:{server.server_port}/"
     print(f"Review page: {address}  (Ctrl-C stops the server; every action is already saved)", flush=True)

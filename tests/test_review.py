@@ -242,6 +242,20 @@ def test_killing_the_server_loses_no_action_already_made(world: dict[str, Any], 
     assert state["progress"]["reviewed"] == 5
 
 
+def test_a_port_in_use_is_one_clear_line(run_copy: Path) -> None:
+    from werkzeug.serving import make_server
+
+    from reid.review_app import create_app, serve
+
+    app = create_app(run_copy)
+    busy = make_server("127.0.0.1", 0, app)
+    try:
+        with pytest.raises(ReviewError, match=r"review\.port=0 picks a free one"):
+            serve(app, port=busy.server_port, open_browser=False)
+    finally:
+        busy.server_close()
+
+
 def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 

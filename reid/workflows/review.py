@@ -12,6 +12,7 @@ one bad row and nothing is enrolled. Re-running it adds nothing twice.
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
@@ -34,6 +35,8 @@ from reid.review import (
 )
 from reid.workflows.build import build_gallery
 from reid.workflows.common import Outcome, write_counts
+
+log = logging.getLogger(__name__)
 
 ENROLLED_COLUMNS = ["encounter_id", "image_path", "side", "review_label", "individual_id", "status"]
 """enrolled.csv: one row per confirmed capture, the ID it was enrolled under, and whether it was added now."""
@@ -60,6 +63,7 @@ def run_review(
         problems.append(
             Problem(loaded.info.gallery, "", "gallery not found: typed IDs are not checked against the catalogue")
         )
+        log.warning("%s", problems[-1])
     app = create_app(folder, gallery_entries=entries, reviewer=reviewer)
     serve(app, host=host, port=port, open_browser=open_browser)
     return Outcome({"review log": loaded.log().path}, problems)
