@@ -32,7 +32,7 @@ import pandas as pd
 
 from reid import __version__
 from reid.catalogue import load_catalogue
-from reid.decisions import KNOWN, NEW, REVIEW, UNREADABLE
+from reid.decisions import KNOWN, UNREADABLE
 from reid.errors import ReidError
 from reid.files import atomic_write
 
@@ -355,12 +355,6 @@ def reviewed_captures(
         pd.concat(decided, ignore_index=True) if decided else empty,
         pd.concat(unresolved, ignore_index=True) if unresolved else empty,
     )
-
-
-def still_open(decisions: pd.DataFrame, states: Mapping[str, EncounterState]) -> list[str]:
-    """Return the encounters the software sent to review (or called new) that no reviewer has settled."""
-    pending = decisions[decisions["decision"].isin([REVIEW, NEW])]["encounter_id"].dropna().unique()
-    return [str(e) for e in pending if states.get(str(e), EncounterState("open")).status in ("open", "conflict")]
 
 
 def _check_row(

@@ -117,11 +117,13 @@ def _action_row(
     action = str(body.get("action", ""))
     row: dict[str, Any] = {"reviewer": str(body.get("reviewer", "")), "encounter_id": encounter_id, "action": action}
     if action == Action.SAME:
-        rank = int(body.get("candidate_rank") or 0)
-        chosen = [c for c in card["candidates"] if int(c["rank"]) == rank]
+        rank = str(body.get("candidate_rank") or "")
+        if not rank.isdigit():
+            raise ReviewError(f"candidate_rank {rank!r} is not a candidate number; reload the page")
+        chosen = [c for c in card["candidates"] if int(c["rank"]) == int(rank)]
         if not chosen:
             raise ReviewError(f"encounter {encounter_id} has no candidate #{rank}")
-        row.update(candidate_rank=rank, individual_id=chosen[0]["individual_id"], score=chosen[0]["score"])
+        row.update(candidate_rank=int(rank), individual_id=chosen[0]["individual_id"], score=chosen[0]["score"])
     elif action == Action.OTHER:
         typed = str(body.get("individual_id") or "").strip()
         made_here = set(rows.loc[rows["action"] == Action.NEW, "individual_id"].dropna())

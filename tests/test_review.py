@@ -242,6 +242,23 @@ def test_killing_the_server_loses_no_action_already_made(world: dict[str, Any], 
     assert state["progress"]["reviewed"] == 5
 
 
+def test_a_malformed_action_is_refused_with_a_message_and_not_written(run_copy: Path) -> None:
+    from reid.review_app import create_app
+
+    client = create_app(run_copy).test_client()
+    encounter_id = MatchRun.load(run_copy).encounters[0]["encounter_id"]
+    for body in (
+        {"reviewer": "ana", "encounter_id": encounter_id, "action": "same", "candidate_rank": "first"},
+        {"reviewer": "ana", "encounter_id": encounter_id, "action": "same", "candidate_rank": 99},
+        {"reviewer": "ana", "encounter_id": "nowhere", "action": "new"},
+        {"reviewer": "", "encounter_id": encounter_id, "action": "new"},
+        {"reviewer": "ana", "encounter_id": encounter_id, "action": "other", "individual_id": "new-7"},
+    ):
+        answer = client.post("/api/action", json=body)
+        assert answer.status_code == 400 and answer.get_json()["error"]
+    assert len(MatchRun.load(run_copy).log().read()) == 0
+
+
 def test_a_port_in_use_is_one_clear_line(run_copy: Path) -> None:
     from werkzeug.serving import make_server
 

@@ -31,7 +31,6 @@ from reid.review import (
     encounter_states,
     find_match_run,
     reviewed_captures,
-    still_open,
 )
 from reid.workflows.build import build_gallery
 from reid.workflows.common import Outcome, write_counts
@@ -213,7 +212,8 @@ def recount(
         )
         .reset_index()
     )
-    return table, individuals, still_open(run.decisions, states)
+    # Every unresolved encounter (to review, provisionally new, or disputed) awaits a person.
+    return table, individuals, sorted(unresolved["encounter_id"].dropna().astype(str).unique())
 
 
 def run_recount(
