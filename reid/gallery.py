@@ -92,7 +92,8 @@ class Gallery:
     """(N, D) float32, L2-normalised."""
     embedder_fingerprint: str
     index_kind: IndexKind = "flat"
-    created: str = field(default_factory=lambda: _now())
+    created: str = field(default_factory=lambda: _now("microseconds"))
+    """When the gallery was first built; to the microsecond, so that it tells two galleries apart (`identity`)."""
     extra_files: dict[str, bytes] = field(default_factory=dict)
     """Further named files stored with the gallery (keypoint features, calibration)."""
     _indexes: dict[str, tuple[EmbeddingIndex, np.ndarray]] = field(default_factory=dict, repr=False)
@@ -538,8 +539,8 @@ def entry_key(content_hash: str, row: pd.Series) -> str:
     return f"{content_hash}:{where}"
 
 
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
+def _now(timespec: str = "seconds") -> str:
+    return datetime.now(UTC).isoformat(timespec=timespec)
 
 
 def _next_version(folder: Path) -> str:
