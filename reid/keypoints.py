@@ -114,6 +114,12 @@ class KeypointConfig:
     """Drop tentative matches whose two points lie at the same place of their full frames (within this
     fraction of the frame's size): a fixed camera's background matches itself in every picture, the
     animal moves. 0 keeps them."""
+    camera_shift: float = 0.08
+    """A camera re-mounted between visits sees its scene shifted by a few per cent: the background then matches
+    itself moved, all of it by one displacement. Drop the largest group of tentative matches that moved together
+    (within `static_background`) by at most this fraction of the frame, when it is at least a RANSAC sample.
+    An animal standing where another stood at the same spot is dropped too: a missed match, never a wrong one.
+    0 turns it off; only pictures cut from frames (with a box) are checked."""
 
     def __post_init__(self) -> None:
         # JSON and YAML hand over lists and ints where floats belong; keep the config hashable and comparable.
@@ -128,7 +134,7 @@ class KeypointConfig:
             value = getattr(self, name)
             if isinstance(value, float) and value.is_integer():
                 object.__setattr__(self, name, int(value))
-        for name in ("crop_margin", "ratio", "ransac_px", "static_background", "min_confidence"):
+        for name in ("crop_margin", "ratio", "ransac_px", "static_background", "camera_shift", "min_confidence"):
             value = getattr(self, name)
             if isinstance(value, int) and not isinstance(value, bool):
                 object.__setattr__(self, name, float(value))
@@ -153,6 +159,10 @@ class KeypointConfig:
         if not _is_real(self.static_background) or not 0.0 <= self.static_background < 0.5:
             problems.append(
                 f"static_background must be a fraction of the frame from 0 (off) to below 0.5, got {self.static_background!r}"
+            )
+        if not _is_real(self.camera_shift) or not 0.0 <= self.camera_shift < 0.5:
+            problems.append(
+                f"camera_shift must be a fraction of the frame from 0 (off) to below 0.5, got {self.camera_shift!r}"
             )
         if not _is_real(self.min_confidence) or not 0.0 <= self.min_confidence < 1.0:
             problems.append(f"min_confidence must be from 0 to below 1, got {self.min_confidence!r}")
@@ -278,9 +288,8 @@ def match(query: Features, gallery: Features, config: KeypointConfig) -> Corresp
         return _no_match()
     _check_compatible(query.descriptors, gallery.descriptors)
     query_index, gallery_index = _tentative_matches(query.descriptors, gallery.descriptors, config)
-    if config.static_background > 0 and query.frame_xy is not None and gallery.frame_xy is not None:
-        moved = np.abs(query.frame_xy[query_index] - gallery.frame_xy[gallery_index]).max(axis=1)
-        keep = moved >= config.static_background
+    if query.frame_xy is not None and gallery.frame_xy is not None:
+        keep = ~_background_matches(query.frame_xy[query_index] - gallery.frame_xy[gallery_index], sample, config)
         query_index, gallery_index = query_index[keep], gallery_index[keep]
     if len(query_index) <= sample:
         return _no_match()
@@ -488,6 +497,25 @@ def draw_correspondences(
 
 
 # ----------------------------------------------------------------------------- internals
+
+
+def _background_matches(displacement: np.ndarray, sample: int, config: KeypointConfig) -> np.ndarray:
+    """Return which tentative matches are a fixed camera's scene, from their (M, 2) displacements in frame fractions.
+
+    The scene matches itself where it was (within `static_background`), or, when the camera was moved, all of it by
+    one small displacement: the largest group of matches that moved together by at most `camera_shift`, if it holds
+    more than a RANSAC sample (`sample` matches).
+    """
+    tolerance = config.static_background
+    background = np.abs(displacement).max(axis=1) < tolerance
+    if config.camera_shift > 0 and tolerance > 0:
+        small = np.flatnonzero(~background & (np.abs(displacement).max(axis=1) <= config.camera_shift))
+        if len(small) > sample:
+            near = np.abs(displacement[small, None, :] - displacement[None, small, :]).max(axis=2) < tolerance
+            support = near.sum(axis=1)
+            if support.max() > sample:
+                background[small[near[int(np.argmax(support))]]] = True
+    return background
 
 
 def _no_match() -> Correspondences:

@@ -301,6 +301,7 @@ def test_rows_without_boxes_use_the_whole_image(tmp_path: Path) -> None:
         ({"roi": (0.0, 0.0, 1.0)}, "roi must be"),
         ({"ratio": 1.5}, "ratio must be above 0 and at most 1"),
         ({"ransac_px": 0}, "ransac_px must be a positive number"),
+        ({"camera_shift": 0.5}, "camera_shift must be a fraction of the frame"),
         ({"geometry": "similarity"}, "geometry 'similarity' is not one of affine, homography"),
     ],
 )
@@ -328,14 +329,15 @@ def test_drawing_puts_the_crops_side_by_side_at_one_height() -> None:
     assert np.all(plain[:, 300:308] == 255) and not np.all(picture[:, 300:308] == 255)
 
 
-def _camera_frame(path: Path, coat: np.ndarray, at: tuple[int, int]) -> None:
-    """Save a 480 x 320 frame of one fixed camera: the same textured background, the coat pasted at `at`."""
+def _camera_frame(path: Path, coat: np.ndarray, at: tuple[int, int], camera: tuple[int, int] = (0, 0)) -> None:
+    """Save a 480 x 320 frame of one fixed camera: the same textured background (moved by `camera` px when the
+    camera was re-mounted), the coat pasted at `at`."""
     background = cv2.resize(
         np.random.default_rng(99).integers(0, 256, (40, 60, 3), dtype=np.uint8),
         (480, 320),
         interpolation=cv2.INTER_NEAREST,
     )
-    frame = background.copy()
+    frame = np.roll(background, camera[::-1], axis=(0, 1)).copy()
     x, y = at
     frame[y : y + coat.shape[0], x : x + coat.shape[1]] = coat
     Image.fromarray(frame).save(path)
@@ -370,6 +372,51 @@ def test_a_fixed_cameras_background_does_not_match_but_the_animal_does(tmp_path:
     np.testing.assert_allclose(features[2].frame_xy * (480, 320), features[2].xy + np.array([140, 100]), atol=0.01)
     restored, _ = features_from_bytes(features_to_bytes(features, KeypointConfig()))
     np.testing.assert_array_equal(restored[2].frame_xy, features[2].frame_xy)
+
+
+def test_a_camera_moved_between_visits_still_does_not_match_its_background(tmp_path: Path) -> None:
+    # The second visit's frames see the scene 14 px right and 9 px down (3 % of the frame): beyond the
+    # same-place tolerance, so only the moved-together rule tells the scene from the animals.
+    coat_a, coat_b = _coat(1, 200, 100), _coat(2, 200, 100)
+    _camera_frame(tmp_path / "a.png", coat_a, (40, 60))
+    _camera_frame(tmp_path / "b.png", coat_b, (200, 150), camera=(14, 9))
+    _camera_frame(tmp_path / "a_again.png", coat_a, (220, 170), camera=(14, 9))
+    rows = pd.DataFrame(
+        {
+            "image_path": [str(tmp_path / n) for n in ("a.png", "b.png", "a_again.png")],
+            "bbox_x": [0.0, 120.0, 140.0],
+            "bbox_y": [0.0, 80.0, 100.0],
+            "bbox_w": [340.0, 360.0, 340.0],
+            "bbox_h": [260.0, 240.0, 220.0],
+        }
+    )
+    features, _ = extract_rows(rows, KeypointConfig(), progress=False)
+    same_place_only = KeypointConfig(camera_shift=0.0)
+    assert match(features[0], features[1], same_place_only).n_inliers > 20  # the moved scene matches itself
+    assert match(features[0], features[1], KeypointConfig()).n_inliers < 8
+    found = match(features[0], features[2], KeypointConfig())
+    assert found.n_inliers > 30  # the animal moved by (180, 110) px: kept
+    assert np.median(np.abs(found.gallery_xy - (found.query_xy + np.array([40, 10])))) < 2
+
+
+def test_an_animal_that_moved_little_is_not_taken_for_a_moved_camera_beyond_the_limit(tmp_path: Path) -> None:
+    # The same animal 60 px (12 % of the frame) further on, the camera not moved: beyond `camera_shift`, so kept.
+    coat = _coat(4, 200, 100)
+    _camera_frame(tmp_path / "a.png", coat, (100, 100))
+    _camera_frame(tmp_path / "b.png", coat, (160, 100))
+    rows = pd.DataFrame(
+        {
+            "image_path": [str(tmp_path / "a.png"), str(tmp_path / "b.png")],
+            "bbox_x": [90.0, 150.0],
+            "bbox_y": [90.0, 90.0],
+            "bbox_w": [220.0, 220.0],
+            "bbox_h": [120.0, 120.0],
+        }
+    )
+    features, _ = extract_rows(rows, KeypointConfig(), progress=False)
+    assert match(features[0], features[1], KeypointConfig()).n_inliers > 30
+    # Told that cameras move by up to 15 %, the same displacement is taken for the scene: a missed match, not a wrong one.
+    assert match(features[0], features[1], KeypointConfig(camera_shift=0.15)).n_inliers < 8
 
 
 def test_pictures_without_a_box_keep_matches_at_the_same_place(tmp_path: Path) -> None:
