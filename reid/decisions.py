@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
@@ -86,16 +86,39 @@ few errors as it saw is a coin flip. On many decisions this is the observed shar
 (0 of 13 is 5.2 %, 0 of 5 is 13 %), which undoes the optimism of picking the best of many thresholds."""
 
 
-def rate_upper_bound(errors: int, decisions: int, confidence: float = CONFIDENCE) -> float:
+def rate_upper_bound(errors: int, decisions: int, confidence: float = CONFIDENCE, design_effect: float = 1.0) -> float:
     """Return the exact one-sided (Clopper-Pearson) upper confidence bound of an error rate seen as errors/decisions.
 
-    With no decisions nothing is known: the bound is 1.
+    Decisions that err together (the encounters of one animal) count as `decisions / design_effect`
+    independent ones (Korn & Graubard's effective sample size; `design_effect`). With no decisions nothing
+    is known: the bound is 1.
     """
-    if decisions <= 0:
+    effective = decisions / max(design_effect, 1.0)
+    wrong = errors / max(design_effect, 1.0)
+    if effective <= 0 or wrong >= effective:
         return 1.0
-    if errors >= decisions:
+    return float(beta.ppf(confidence, wrong + 1, effective - wrong))
+
+
+def design_effect(errors: np.ndarray, groups: np.ndarray) -> float:
+    """Return by how much grouped decisions inflate the variance of their error share (Kish's design effect).
+
+    `errors` (bool per decision) are grouped by `groups` (the individual each decision is about): encounters of
+    one animal tend to be all right or all wrong together (its coat, its station's background), so they carry
+    less evidence than as many independent decisions. The ratio of the between-groups variance of the share to
+    the binomial one, from 1 (independent) up to the largest group's size (each group all right or all wrong).
+    1 where it cannot be estimated: no error, no right decision, or a single group.
+    """
+    errors = np.asarray(errors, dtype=bool)
+    share = float(errors.mean()) if len(errors) else 0.0
+    names, group = np.unique(np.asarray(groups, dtype=object).astype(str), return_inverse=True)
+    if share in (0.0, 1.0) or len(names) < 2:
         return 1.0
-    return float(beta.ppf(confidence, errors + 1, decisions - errors))
+    group_errors = np.bincount(group, weights=errors, minlength=len(names))
+    group_sizes = np.bincount(group, minlength=len(names))
+    between = len(names) / (len(names) - 1) * np.sum((group_errors - share * group_sizes) ** 2) / len(errors) ** 2
+    binomial = share * (1 - share) / len(errors)
+    return float(np.clip(between / binomial, 1.0, group_sizes.max()))
 
 
 @dataclass(frozen=True)
@@ -125,6 +148,9 @@ class Thresholds:
     max_wrong_id: float = 0.05
     max_false_new: float = 0.05
     max_false_merge: float = 0.05
+    design_effects: dict[str, float] = field(default_factory=dict)
+    """Per rate (wrong_id, false_new, false_merge), how much the calibration decisions err together by individual
+    (`design_effect`): its bound counts the decisions as that many times fewer independent ones. 1 when absent."""
     notes: tuple[str, ...] = ()
     """What the analyst must know about these thresholds: targets the data cannot support, decisions switched off."""
 
@@ -152,7 +178,8 @@ class Thresholds:
                 "rate": errors / decisions if decisions else float("nan"),
                 "errors": errors,
                 "decisions": decisions,
-                "upper_bound": rate_upper_bound(errors, decisions),
+                "design_effect": self.design_effects.get(name, 1.0),
+                "upper_bound": rate_upper_bound(errors, decisions, design_effect=self.design_effects.get(name, 1.0)),
                 "target": target,
             }
             for name, errors, decisions, target in (
@@ -165,7 +192,7 @@ class Thresholds:
     def summary(self) -> str:
         """Return the rates as one line: rate (errors/decisions, 95 % upper bound) per kind of error."""
         parts = [
-            f"{name.replace('_', ' ')} {r['rate']:.1%} ({r['errors']}/{r['decisions']}, "
+            f"{name.replace('_', ' ')} {r['rate']:.1%} ({r['errors']}/{r['decisions']}{_as_independent(r)}, "
             f"{CONFIDENCE:.0%} upper bound {r['upper_bound']:.1%}, target {r['target']:.0%})"
             for name, r in self.rates().items()
         ]
@@ -175,6 +202,7 @@ class Thresholds:
         """Return the thresholds and their calibration counts as JSON (stored with the gallery)."""
         values = asdict(self)
         values["notes"] = list(self.notes)
+        values["design_effects"] = dict(self.design_effects)
         values["known"] = self.known if np.isfinite(self.known) else "inf"
         values["new"] = self.new if np.isfinite(self.new) else "-inf"
         return json.dumps(values, indent=2)
@@ -236,6 +264,8 @@ def calibrate(
     *,
     known_margin: np.ndarray | None = None,
     unseen_margin: np.ndarray | None = None,
+    known_individuals: np.ndarray | None = None,
+    unseen_individuals: np.ndarray | None = None,
     max_wrong_id: float = 0.05,
     max_false_merge: float = 0.05,
     max_false_new: float = 0.05,
@@ -255,6 +285,12 @@ def calibrate(
     targets, nothing is decided known (known = inf) and a note says so; a target
     that the number of decisions cannot support (its upper confidence bound is
     above it) gets a note too.
+
+    With the individual each decision is about (`known_individuals`,
+    `unseen_individuals`), decisions about one animal count as less than
+    independent where they err together (`design_effect`): the bounds widen, and
+    the threshold is chosen again with the wrong-ID and merge shares judged on
+    that many fewer decisions.
     """
     known_top = np.nan_to_num(np.asarray(known_top, dtype=float), nan=-np.inf)
     known_correct = np.asarray(known_correct, dtype=bool)
@@ -263,13 +299,18 @@ def calibrate(
     unseen_margin = np.full(len(unseen_top), np.inf) if unseen_margin is None else np.asarray(unseen_margin, float)
     if len(known_top) == 0:
         raise ReidError("calibration needs queries of individuals that are in the gallery; label more encounters")
+    for name, individuals, top in (("known", known_individuals, known_top), ("unseen", unseen_individuals, unseen_top)):
+        if individuals is not None and len(individuals) != len(top):
+            raise ReidError(f"{len(individuals)} {name}_individuals for {len(top)} {name} decisions")
     targets = dict(max_wrong_id=max_wrong_id, max_false_new=max_false_new, max_false_merge=max_false_merge)
-    best: tuple[int, float, float] | None = None  # (right IDs, -threshold, margin)
     finite_margins = known_margin[np.isfinite(known_margin) & known_correct]
     tried = {0.0, *(np.quantile(finite_margins, [0.0, 0.05, 0.1, 0.2, 0.3]).tolist() if len(finite_margins) else [])}
+
+    grouped = dict(known_individuals=known_individuals, unseen_individuals=unseen_individuals)
+    best: tuple[int, float, float] | None = None  # (right IDs, -threshold, margin)
     for margin in sorted(tried):
         threshold = _lowest_safe_threshold(
-            known_top, known_correct, known_margin >= margin, unseen_top, unseen_margin >= margin, **targets
+            known_top, known_correct, known_margin >= margin, unseen_top, unseen_margin >= margin, **grouped, **targets
         )
         if threshold is None:
             continue
@@ -299,6 +340,7 @@ def calibrate(
         known_margin=known_margin,
         unseen_margin=unseen_margin,
         notes=tuple(notes),
+        **grouped,
         **targets,
     )
     return replace(thresholds, notes=(*thresholds.notes, *_support_notes(thresholds, min_decisions)))
@@ -314,6 +356,8 @@ def _lowest_safe_threshold(
     max_wrong_id: float,
     max_false_new: float,
     max_false_merge: float,
+    known_individuals: np.ndarray | None = None,
+    unseen_individuals: np.ndarray | None = None,
 ) -> float | None:
     """Return the lowest score threshold whose known decisions keep both error shares within target, or None.
 
@@ -322,11 +366,18 @@ def _lowest_safe_threshold(
     median-unbiased estimate (`SELECTION_CONFIDENCE`), not the raw fraction: of the
     many thresholds tried, the raw fraction picks one that looked lucky on few
     decisions (0 wrong of 5 meets any target), which then gives more wrong IDs than
-    it promised.
+    it promised. Given the individual each decision is about, decisions that err
+    together count as fewer (`design_effect`, at each threshold tried).
     """
     scores = np.concatenate([known_top[known_eligible], unseen_top[unseen_eligible]])
     wrong = np.concatenate([~known_correct[known_eligible], np.ones(int(unseen_eligible.sum()), bool)])
     merge = np.concatenate([np.zeros(int(known_eligible.sum()), bool), np.ones(int(unseen_eligible.sum()), bool)])
+    grouped = known_individuals is not None and unseen_individuals is not None
+    if grouped:
+        # Every individual a string (a missing one is its own group).
+        known_names = np.asarray(known_individuals, dtype=object).astype(str)
+        unseen_names = np.asarray(unseen_individuals, dtype=object).astype(str)
+        names = np.concatenate([known_names[known_eligible], unseen_names[unseen_eligible]])
     keep = np.isfinite(scores)
     scores, wrong, merge = scores[keep], wrong[keep], merge[keep]
     if len(scores) == 0:
@@ -334,8 +385,14 @@ def _lowest_safe_threshold(
     order = np.argsort(-scores, kind="stable")
     scores, wrong, merge = scores[order], wrong[order], merge[order]
     decided = np.arange(1, len(scores) + 1)
-    wrong_share = _median_unbiased(np.cumsum(wrong), decided)
-    merged_share = _median_unbiased(np.cumsum(merge), np.full(len(scores), max(len(unseen_top), 1)))
+    unseen_total = max(len(unseen_top), 1)
+    wrong_effect = merge_effect = np.ones(len(scores))
+    if grouped:
+        names = names[keep][order]
+        wrong_effect = _running_design_effects(names, wrong)
+        merge_effect = _running_design_effects(names, merge, population=unseen_names)
+    wrong_share = _median_unbiased(np.cumsum(wrong) / wrong_effect, decided / wrong_effect)
+    merged_share = _median_unbiased(np.cumsum(merge) / merge_effect, unseen_total / merge_effect)
     # Equal scores are decided together: a threshold sits after the last of a tie.
     last_of_tie = np.append(scores[1:] != scores[:-1], True)
     safe = np.flatnonzero(last_of_tie & (wrong_share <= max_wrong_id) & (merged_share <= max_false_merge))
@@ -347,6 +404,43 @@ def _lowest_safe_threshold(
     return float(np.nextafter(scores[lowest + 1], np.inf)) if lowest + 1 < len(scores) else float(scores[lowest])
 
 
+def _running_design_effects(
+    names: np.ndarray, errors: np.ndarray, *, population: np.ndarray | None = None
+) -> np.ndarray:
+    """Return `design_effect` after each prefix of the decisions (about individuals `names`, wrong where `errors`).
+
+    Without `population`, each decision joins the decisions judged (the IDs a threshold gives); with it, the
+    decisions judged are fixed (every unseen encounter, one per entry of `population`) and only the errors come
+    one by one. Kept as running sums, one pass.
+    """
+    codes = {name: k for k, name in enumerate(dict.fromkeys([*(population if population is not None else []), *names]))}
+    size, wrong = np.zeros(len(codes)), np.zeros(len(codes))
+    if population is not None:
+        np.add.at(size, [codes[name] for name in population], 1.0)
+    sum_size2, sum_wrong2, sum_cross = float((size**2).sum()), 0.0, 0.0
+    groups, total, errs, largest = int((size > 0).sum()), float(size.sum()), 0, float(size.max(initial=0.0))
+    effects = np.ones(len(names))
+    for k, (name, error) in enumerate(zip(names, errors, strict=True)):
+        c = codes[name]
+        if population is None:  # the decision joins those judged
+            groups += int(size[c] == 0)
+            sum_size2 += 2 * size[c] + 1
+            sum_cross += wrong[c]
+            size[c] += 1
+            total += 1
+            largest = max(largest, size[c])
+        if error:
+            sum_wrong2 += 2 * wrong[c] + 1
+            sum_cross += size[c]
+            wrong[c] += 1
+            errs += 1
+        share = errs / total if total else 0.0
+        if 0.0 < share < 1.0 and groups >= 2:
+            between = groups / (groups - 1) * (sum_wrong2 - 2 * share * sum_cross + share**2 * sum_size2) / total**2
+            effects[k] = min(max(between / (share * (1 - share) / total), 1.0), largest)
+    return effects
+
+
 def _median_unbiased(errors: np.ndarray, decisions: np.ndarray) -> np.ndarray:
     """Return the one-sided Clopper-Pearson bound at `SELECTION_CONFIDENCE` of each errors/decisions (1 if all wrong)."""
     errors, decisions = np.asarray(errors, dtype=float), np.asarray(decisions, dtype=float)
@@ -355,15 +449,21 @@ def _median_unbiased(errors: np.ndarray, decisions: np.ndarray) -> np.ndarray:
     return np.where(all_wrong, 1.0, bound)
 
 
+def _as_independent(rate: Mapping[str, float | int]) -> str:
+    """Return ", as N independent" where a rate's decisions err together enough to count as fewer, else ""."""
+    effect = float(rate.get("design_effect", 1.0))
+    return f", as {rate['decisions'] / effect:.0f} independent" if effect >= 1.05 else ""
+
+
 def _support_notes(thresholds: Thresholds, min_decisions: int) -> list[str]:
     """Return a note for each error target that the number of calibration decisions cannot support."""
     notes = []
     for name, r in thresholds.rates().items():
         if name == "wrong_id" and not thresholds.decides_known:
             continue
-        if r["decisions"] < min_decisions or r["upper_bound"] > r["target"]:
+        if r["decisions"] / r["design_effect"] < min_decisions or r["upper_bound"] > r["target"]:
             notes.append(
-                f"{r['decisions']} calibration decisions: the {CONFIDENCE:.0%} upper bound on {name.replace('_', ' ')} "
+                f"{r['decisions']} calibration decisions{_as_independent(r)}: the {CONFIDENCE:.0%} upper bound on {name.replace('_', ' ')} "
                 f"is {r['upper_bound']:.0%}, {'above' if r['upper_bound'] > r['target'] else 'near'} the "
                 f"{r['target']:.0%} target; label more encounters (or calibrate on a larger labelled catalogue) to "
                 "support it"
@@ -381,15 +481,31 @@ def evaluate_thresholds(
     margin: float = 0.0,
     known_margin: np.ndarray | None = None,
     unseen_margin: np.ndarray | None = None,
+    known_individuals: np.ndarray | None = None,
+    unseen_individuals: np.ndarray | None = None,
     notes: tuple[str, ...] = (),
     **targets: float,
 ) -> Thresholds:
-    """Return `Thresholds` with the counts of errors and decisions they give on these held-out decisions."""
+    """Return `Thresholds` with the counts of errors and decisions they give on these held-out decisions, and,
+    given the individual each decision is about, how much those decisions err together (`design_effect`)."""
     known_top, unseen_top = np.asarray(known_top, dtype=float), np.asarray(unseen_top, dtype=float)
     known_correct = np.asarray(known_correct, dtype=bool)
     probe = Thresholds(t_known, t_new, margin)
     known_decided = probe.decide(known_top, known_margin)
     unseen_decided = probe.decide(unseen_top, unseen_margin)
+    effects: dict[str, float] = {}
+    if known_individuals is not None and unseen_individuals is not None:
+        known_individuals = np.asarray(known_individuals, dtype=object)
+        unseen_individuals = np.asarray(unseen_individuals, dtype=object)
+        given_known, given_unseen = known_decided == KNOWN, unseen_decided == KNOWN
+        effects = {
+            "wrong_id": design_effect(
+                np.concatenate([~known_correct[given_known], np.ones(int(given_unseen.sum()), bool)]),
+                np.concatenate([known_individuals[given_known], unseen_individuals[given_unseen]]),
+            ),
+            "false_new": design_effect(known_decided == NEW, known_individuals),
+            "false_merge": design_effect(given_unseen, unseen_individuals),
+        }
     return Thresholds(
         known=t_known,
         new=t_new,
@@ -401,6 +517,7 @@ def evaluate_thresholds(
         false_merges=int((unseen_decided == KNOWN).sum()),
         unseen_queries=len(unseen_top),
         reviewed=int((known_decided == REVIEW).sum() + (unseen_decided == REVIEW).sum()),
+        design_effects=effects,
         notes=notes,
         **targets,
     )

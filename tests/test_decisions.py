@@ -11,8 +11,11 @@ from reid.decisions import (
     DECISION_COLUMNS,
     MATCH_COLUMNS,
     Thresholds,
+    _running_design_effects,
     calibrate,
     decide,
+    design_effect,
+    evaluate_thresholds,
     group_new_individuals,
     individual_scores,
     pool_encounter,
@@ -109,6 +112,91 @@ def test_error_bounds_are_exact_clopper_pearson(errors: int, decisions: int) -> 
         low, high = (mid, high) if binom.cdf(errors, decisions, mid) > 0.05 else (low, mid)
     assert rate_upper_bound(errors, decisions) == pytest.approx(high, abs=1e-9)
     assert rate_upper_bound(0, 0) == 1.0 and rate_upper_bound(5, 5) == 1.0
+
+
+@pytest.mark.parametrize(
+    ("errors_per_group", "expected"),
+    [
+        # Four groups of four decisions. One group all wrong: the between-groups variance is 4/3 * (3^2 + 3 * 1^2)
+        # / 16^2 = 0.0625 against the binomial 0.25 * 0.75 / 16 = 0.0117: 5.3, capped at the group size, 4.
+        ([4, 0, 0, 0], 4.0),
+        # 2, 1, 0, 0 wrong: 4/3 * (1.25^2 + 0.25^2 + 2 * 0.75^2) / 256 = 0.014323 against 3/16 * 13/16 / 16.
+        ([2, 1, 0, 0], (4 / 3 * 2.75 / 256) / (3 / 16 * 13 / 16 / 16)),
+        ([1, 1, 1, 1], 1.0),  # one wrong in each group: no clustering (a ratio of 0 reads 1)
+        ([0, 0, 0, 0], 1.0),  # nothing to estimate from
+    ],
+)
+def test_the_design_effect_of_decisions_grouped_by_individual(errors_per_group: list[int], expected: float) -> None:
+    errors = np.concatenate([np.arange(4) < k for k in errors_per_group])
+    groups = np.repeat(["A", "B", "C", "D"], 4)
+    assert design_effect(errors, groups) == pytest.approx(expected, rel=1e-9)
+
+
+def test_decisions_that_err_together_count_as_fewer_in_the_bound() -> None:
+    # 4 errors in 100 decisions that count as 50 independent ones: the bound of 2 errors in 50, exactly.
+    low, high = 2 / 50, 1.0
+    for _ in range(60):
+        mid = (low + high) / 2
+        low, high = (mid, high) if binom.cdf(2, 50, mid) > 0.05 else (low, mid)
+    assert rate_upper_bound(4, 100, design_effect=2.0) == pytest.approx(high, abs=1e-9)
+    assert rate_upper_bound(4, 100, design_effect=2.0) > rate_upper_bound(4, 100)
+
+
+def test_calibration_is_more_careful_when_its_errors_come_from_one_animal() -> None:
+    # 80 right IDs of 40 animals (two encounters each) at 0.80 .. 0.99; 100 unseen encounters of 50 animals, six
+    # of them merged at 0.90 .. 0.97. Made by six animals, 6 merges of 100 meet a 10 % target; made by one animal
+    # (its station's background, say), they count as about one error: the data cannot show a rate below 10 %.
+    known_top = np.linspace(0.8, 0.99, 80)
+    known_ids = np.repeat([f"K{i}" for i in range(40)], 2)
+    unseen_top = np.array([*np.linspace(0.9, 0.97, 6), *np.full(94, 0.3)])
+    others = np.repeat([f"U{i}" for i in range(50)], 2)
+    merged_first = [0, 2, 4, 6, 8, 10]  # one encounter of each of six animals
+    spread = np.array([*others[merged_first], *np.delete(others, merged_first)])
+    together = np.array([*["X"] * 6, *spread[6:]])
+    options = dict(max_wrong_id=0.1, max_false_merge=0.1, max_false_new=0.1)
+    plain = calibrate(known_top, np.ones(80, bool), unseen_top, **options)
+    apart = calibrate(
+        known_top, np.ones(80, bool), unseen_top, known_individuals=known_ids, unseen_individuals=spread, **options
+    )
+    clustered = calibrate(
+        known_top, np.ones(80, bool), unseen_top, known_individuals=known_ids, unseen_individuals=together, **options
+    )
+    assert plain.false_merges == apart.false_merges == 6 and apart.design_effects["false_merge"] == 1.0
+    assert apart.known == plain.known == pytest.approx(0.3)
+    # One animal's six merges: no threshold that takes any of them; the IDs above them remain.
+    assert clustered.false_merges == 0 and clustered.known > 0.97 and clustered.decides_known
+    # At a threshold that took the six merges of one animal, the 100 unseen decisions count as 17 independent ones.
+    at_plain = evaluate_thresholds(
+        plain.known,
+        plain.new,
+        known_top,
+        np.ones(80, bool),
+        unseen_top,
+        known_individuals=known_ids,
+        unseen_individuals=together,
+    )
+    merged = at_plain.rates()["false_merge"]
+    assert merged["design_effect"] == pytest.approx(design_effect(np.arange(100) < 6, together))
+    assert merged["upper_bound"] == pytest.approx(rate_upper_bound(6, 100, design_effect=merged["design_effect"]))
+    assert merged["upper_bound"] > plain.rates()["false_merge"]["upper_bound"]
+    assert "false merge 6.0% (6/100, as 17 independent" in at_plain.summary()
+    assert Thresholds.from_json(at_plain.to_json()) == at_plain
+
+
+def test_running_design_effects_agree_with_the_design_effect_of_each_prefix() -> None:
+    rng = np.random.default_rng(0)
+    names, errors = rng.choice(list("ABCDEFG"), 60), rng.random(60) < 0.2
+    expected = [design_effect(errors[: k + 1], names[: k + 1]) for k in range(60)]
+    np.testing.assert_allclose(_running_design_effects(names, errors), expected, rtol=1e-9)
+    # A fixed population of decisions whose errors arrive one by one (merges as the threshold falls).
+    population, merged = rng.choice(list("ABCDEFGH"), 80), rng.random(80) < 0.15
+    order = rng.permutation(80)
+    expected = [
+        design_effect(np.isin(np.arange(80), order[: k + 1][merged[order][: k + 1]]), population) for k in range(80)
+    ]
+    np.testing.assert_allclose(
+        _running_design_effects(population[order], merged[order], population=population), expected, rtol=1e-9
+    )
 
 
 def test_thresholds_round_trip_through_json() -> None:

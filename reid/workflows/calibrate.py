@@ -108,6 +108,8 @@ def calibrate_thresholds(
         top[~known],
         known_margin=margin[known],
         unseen_margin=margin[~known],
+        known_individuals=per_encounter["individual_id"].to_numpy(dtype=object)[known],
+        unseen_individuals=per_encounter["individual_id"].to_numpy(dtype=object)[~known],
         max_wrong_id=settings.max_wrong_id,
         max_false_merge=settings.max_false_merge,
         max_false_new=settings.max_false_new,
