@@ -192,7 +192,7 @@ class Thresholds:
     def summary(self) -> str:
         """Return the rates as one line: rate (errors/decisions, 95 % upper bound) per kind of error."""
         parts = [
-            f"{name.replace('_', ' ')} {r['rate']:.1%} ({r['errors']}/{r['decisions']}{_as_independent(r)}, "
+            f"{name.replace('_', ' ')} {r['rate']:.1%} ({r['errors']}/{r['decisions']}{as_independent(r)}, "
             f"{CONFIDENCE:.0%} upper bound {r['upper_bound']:.1%}, target {r['target']:.0%})"
             for name, r in self.rates().items()
         ]
@@ -449,7 +449,7 @@ def _median_unbiased(errors: np.ndarray, decisions: np.ndarray) -> np.ndarray:
     return np.where(all_wrong, 1.0, bound)
 
 
-def _as_independent(rate: Mapping[str, float | int]) -> str:
+def as_independent(rate: Mapping[str, float | int]) -> str:
     """Return ", as N independent" where a rate's decisions err together enough to count as fewer, else ""."""
     effect = float(rate.get("design_effect", 1.0))
     return f", as {rate['decisions'] / effect:.0f} independent" if effect >= 1.05 else ""
@@ -463,7 +463,7 @@ def _support_notes(thresholds: Thresholds, min_decisions: int) -> list[str]:
             continue
         if r["decisions"] / r["design_effect"] < min_decisions or r["upper_bound"] > r["target"]:
             notes.append(
-                f"{r['decisions']} calibration decisions{_as_independent(r)}: the {CONFIDENCE:.0%} upper bound on {name.replace('_', ' ')} "
+                f"{r['decisions']} calibration decisions{as_independent(r)}: the {CONFIDENCE:.0%} upper bound on {name.replace('_', ' ')} "
                 f"is {r['upper_bound']:.0%}, {'above' if r['upper_bound'] > r['target'] else 'near'} the "
                 f"{r['target']:.0%} target; label more encounters (or calibrate on a larger labelled catalogue) to "
                 "support it"

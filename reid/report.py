@@ -48,7 +48,7 @@ figure.evidence { max-width: {{ 3 * thumb_px }}px; } figure.evidence img { max-w
 <p>Scores: {{ score_label }}. {% if thresholds.decides_known %}Known if score &ge; {{ "%.3f"|format(thresholds.known) }}{% if thresholds.margin > 0 %} and it leads the runner-up by &ge; {{ "%.3f"|format(thresholds.margin) }}{% endif %}{% else %}<b class="warn">Nothing is decided known automatically</b>{% endif %};
 new if score &lt; {{ "%.3f"|format(thresholds.new) }}; review in between.</p>
 {% if rates %}<table class="summary"><tr><th>error (measured on held-out labelled data)</th><th>rate</th><th>errors / decisions</th><th>95 % upper bound</th><th>target</th></tr>
-{% for name, r in rates.items() %}<tr><td>{{ name }}</td><td>{{ "%.1f"|format(100 * r.rate) if r.decisions else "—" }} %</td><td>{{ r.errors }} / {{ r.decisions }}</td>
+{% for name, r in rates.items() %}<tr><td>{{ name }}</td><td>{{ "%.1f"|format(100 * r.rate) if r.decisions else "—" }} %</td><td>{{ r.errors }} / {{ r.decisions }}{% if r.design_effect >= 1.05 %} (as {{ "%.0f"|format(r.decisions / r.design_effect) }} independent: the errors cluster by individual){% endif %}</td>
 <td class="{{ 'warn' if r.upper_bound > r.target else '' }}">{{ "%.1f"|format(100 * r.upper_bound) }} %</td><td>{{ "%.0f"|format(100 * r.target) }} %</td></tr>{% endfor %}</table>{% endif %}
 {% for note in thresholds.notes %}<p class="warn">{{ note }}</p>{% endfor %}{% endif %}
 {% if counts %}<h2>Number of individuals</h2>

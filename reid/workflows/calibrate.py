@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from reid.catalogue import SEARCHED_SIDES
-from reid.decisions import Thresholds, calibrate, decide
+from reid.decisions import Thresholds, as_independent, calibrate, decide
 from reid.errors import Problem, ReidError
 from reid.files import write_csv
 from reid.fusion import (
@@ -204,7 +204,10 @@ def run_calibrate(
 def _stated(rate: dict[str, float | int]) -> str:
     if not rate["decisions"]:
         return "no calibration decisions"
-    return f"{rate['rate']:.1%} ({rate['errors']}/{rate['decisions']}, 95% upper bound {rate['upper_bound']:.1%})"
+    return (
+        f"{rate['rate']:.1%} ({rate['errors']}/{rate['decisions']}{as_independent(rate)}, "
+        f"95% upper bound {rate['upper_bound']:.1%})"
+    )
 
 
 def _in_memory_gallery(labelled: pd.DataFrame, embeddings: np.ndarray, rows: np.ndarray) -> Gallery:
