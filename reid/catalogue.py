@@ -55,6 +55,13 @@ COLUMNS: tuple[Column, ...] = (
     Column("bbox_y", "float", False, "top edge of the flank box, pixels"),
     Column("bbox_w", "float", False, "box width, pixels; all four box columns empty = whole image"),
     Column("bbox_h", "float", False, "box height, pixels"),
+    Column(
+        "mask",
+        "string",
+        False,
+        "where the animal is: a mask image (non-zero = animal; in a saved catalogue, relative to its folder), or "
+        "COCO polygons [[x1, y1, x2, y2, ...], ...] or RLE as JSON, pixels of the image; empty = not known",
+    ),
     Column("timestamp", "timestamp", False, "capture time, ISO 8601; held in UTC, naive times are taken as UTC"),
     Column("station", "string", False, "camera station (deployment or location)"),
     Column("country", "string", False, "catalogue namespace that owns the record: KZ, TM, ..."),
@@ -240,6 +247,7 @@ def save_catalogue(table: pd.DataFrame, path: str | Path) -> None:
     out = table.astype(object).where(table.notna(), None)
     root = path.parent.resolve()
     out["image_path"] = [_relative_to(Path(p), root) for p in table["image_path"]]
+    out["mask"] = [_relative_to(Path(m), root) if is_mask_file(m) else m for m in out["mask"]]
     out["timestamp"] = [t.isoformat() if not pd.isna(t) else None for t in table["timestamp"]]
     with atomic_write(path) as f:
         out.to_csv(f, index=False)
@@ -257,7 +265,16 @@ def load_catalogue(path: str | Path) -> pd.DataFrame:
     table = validate(raw, source=str(path), first_line=2)
     root = path.parent.resolve()
     table["image_path"] = pd.array([str(_resolve(p, root)) for p in table["image_path"]], dtype="string")
+    table["mask"] = pd.array(
+        [str(_resolve(m, root)) if is_mask_file(m) else m for m in table["mask"].astype(object)], dtype="string"
+    )
     return table
+
+
+def is_mask_file(value: Any) -> bool:
+    """Return whether a `mask` value names a mask image (not empty, not polygons or RLE written as JSON)."""
+    text = _clean_string(value)
+    return text is not None and text[0] not in "[{"
 
 
 def generalise_coordinates(table: pd.DataFrame, precision_deg: float = 0.1) -> tuple[pd.DataFrame, int]:

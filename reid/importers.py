@@ -35,6 +35,7 @@ from reid.catalogue import (
     DEFAULT_ENCOUNTER_GAP_S,
     assign_encounters,
     build_catalogue,
+    is_mask_file,
     load_catalogue,
     validate,
 )
@@ -125,9 +126,9 @@ def import_labels_csv(
 
     Column names are matched ignoring case; `image_path` may stand for `path`, and
     `sighting` for `encounter_id` (its numbers become `sighting:<n>`). Other catalogue
-    columns (`timestamp`, `station`, `sex`, box columns, `latitude`, `longitude`,
-    `country`, ...) are read when present, unknown columns ignored. Paths are relative
-    to `root` (default: the CSV's folder). `country` fills rows with no country of
+    columns (`timestamp`, `station`, `sex`, box columns, `mask`, `latitude`, `longitude`,
+    `country`, ...) are read when present, unknown columns ignored. Paths (of images and
+    mask images) are relative to `root` (default: the CSV's folder). `country` fills rows with no country of
     their own. Rows are named by their line in the file (the header is line 1).
     """
     path = Path(path).resolve()
@@ -170,6 +171,8 @@ def import_labels_csv(
             continue
         record: dict[str, Any] = {**values, "image_path": str(image), "source": str(path), "source_row": where}
         record["country"] = values.get("country") or country
+        if is_mask_file(values.get("mask")):
+            record["mask"] = str(_resolve(values["mask"], base))
         if sighting_numbers and values["encounter_id"]:
             record["encounter_id"] = _source_encounter("sighting", values["encounter_id"], record["country"])
         records.append(record)
@@ -194,7 +197,10 @@ def import_coco(
     are skipped, because the catalogue holds flank annotations only; they are
     reported as one problem per viewpoint value rather than one per annotation, so
     the real errors stay visible. An unrecognised viewpoint is reported and skipped.
-    `name` is the individual (`____` = unknown); `bbox` is pixels [x, y, w, h].
+    `name` is the individual (`____` = unknown); `bbox` is pixels [x, y, w, h];
+    `segmentation` (polygons, or RLE plain or compressed) becomes the row's `mask`, so
+    its features are taken on the animal alone; a malformed one is reported and the
+    row imported without it.
     A `date_captured` that is not a date is reported and the row imported without a
     time. `seq_id` becomes the encounter, `location` the station. File names are
     relative to `image_root` (default: the JSON file's folder).
@@ -287,10 +293,23 @@ def import_coco(
             )
             continue
         individual = str(annotation.get("name") or "").strip()
+        try:
+            mask = _coco_segmentation(annotation.get("segmentation"))
+        except ValueError as err:
+            mask = None
+            problems.append(
+                Problem(
+                    str(path),
+                    where,
+                    f"segmentation {_brief(annotation.get('segmentation'))} {err}; imported without a mask (fix it to "
+                    "take features on the animal alone)",
+                )
+            )
         records.append(
             {
                 **image_row,
                 **box,
+                "mask": mask,
                 "annotation_id": annotation.get("uuid"),
                 "individual_id": None if individual == COCO_UNKNOWN_NAME else individual,
                 "side": side,
@@ -862,6 +881,32 @@ def _coco_box(bbox: Any) -> dict[str, float]:
     if any(math.isnan(v) for v in values):
         raise ValueError(bbox)
     return dict(zip(BBOX_COLUMNS, values, strict=True))
+
+
+def _coco_segmentation(segmentation: Any) -> str | None:
+    """Return a COCO segmentation as the catalogue's mask text (JSON), None for none; raise ValueError for a bad one."""
+    if segmentation is None or segmentation == [] or segmentation == {}:
+        return None
+    if isinstance(segmentation, dict):
+        size, counts = segmentation.get("size"), segmentation.get("counts")
+        sized = isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)
+        runs = isinstance(counts, str) or (
+            isinstance(counts, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in counts)
+        )
+        if not sized or not runs:
+            raise ValueError('is not COCO RLE ({"size": [height, width], "counts": [...] or "..."})')
+        return json.dumps({"size": size, "counts": counts}, separators=(",", ":"))
+    if isinstance(segmentation, list):
+        for polygon in segmentation:
+            if (
+                not isinstance(polygon, list)
+                or len(polygon) < 6
+                or len(polygon) % 2
+                or not all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in polygon)
+            ):
+                raise ValueError("is not a list of polygons [[x1, y1, x2, y2, x3, y3, ...], ...] in pixels")
+        return json.dumps(segmentation, separators=(",", ":"))
+    raise ValueError("is neither polygons nor RLE")
 
 
 def _read_camtrap_table(

@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from reid.background import BACKGROUNDS, Background, FrameMask, box_cover_too_low, crop_mask, foreground_masks
 from reid.catalogue import BBOX_COLUMNS, image_problem
 from reid.errors import Problem, ReidError
 from reid.images import ImageReadError, crop_box, image_size, read_image
@@ -35,6 +36,7 @@ __all__ = [
     "Features",
     "KeypointConfig",
     "Method",
+    "animal_pixels",
     "draw_correspondences",
     "empty_features",
     "extract",
@@ -43,7 +45,9 @@ __all__ = [
     "features_to_bytes",
     "frame_positions",
     "match",
+    "on_animal",
     "read_crop",
+    "row_masks",
     "score_pairs",
 ]
 
@@ -110,6 +114,12 @@ class KeypointConfig:
     """Model the verified matches must agree on: a full affine map or a homography."""
     min_confidence: float = 0.1
     """LightGlue and LighterGlue methods: a pair's score counts the matches of at least this confidence."""
+    background: Background = "none"
+    """Where no user mask says where the animal is: none (features from the whole crop) or station (a per-station
+    background model of the frames of the station's other encounters, day and infrared night apart, gives the
+    animal's pixels; reid.background). Features with and without masks are of one kind and match each other."""
+    user_masks: bool = True
+    """Honour the catalogue's `mask` column (a mask image, or COCO polygons or RLE): features only on the animal."""
     static_background: float = 0.01
     """Drop tentative matches whose two points lie at the same place of their full frames (within this
     fraction of the frame's size): a fixed camera's background matches itself in every picture, the
@@ -168,6 +178,10 @@ class KeypointConfig:
             problems.append(f"min_confidence must be from 0 to below 1, got {self.min_confidence!r}")
         if self.geometry not in GEOMETRIES:
             problems.append(f"geometry {self.geometry!r} is not one of {', '.join(GEOMETRIES)}")
+        if self.background not in BACKGROUNDS:
+            problems.append(f"background {self.background!r} is not one of {', '.join(BACKGROUNDS)}")
+        if not isinstance(self.user_masks, bool):
+            problems.append(f"user_masks must be true or false, got {self.user_masks!r}")
         if problems:
             raise ReidError("invalid KeypointConfig: " + "; ".join(problems))
 
@@ -253,13 +267,15 @@ def extract_rows(
     else:
         boxes = [None] * len(paths)
     detector = _detector(config)
+    masks, problems = row_masks(rows, config, progress=progress)
     features: list[Features] = []
-    problems: list[Problem] = []
     for i, (path, box) in enumerate(
         tqdm(zip(paths, boxes, strict=True), total=len(paths), desc="keypoints", unit="img", disable=not progress)
     ):
         try:
-            found = _extract(read_crop(path, box, config), config, detector)
+            crop = read_crop(path, box, config)
+            animal = animal_pixels(rows, i, masks[i], path, box, config, crop.shape[:2], problems)
+            found = _extract(crop, config, detector, animal)
             found.frame_xy = frame_positions(path, box, config, found)
             features.append(found)
         except ImageReadError as err:
@@ -270,6 +286,57 @@ def extract_rows(
             problems.append(image_problem(rows, i, path, f"cannot read the file ({reason}); check the path"))
             features.append(_empty(config.method))
     return features, problems
+
+
+def row_masks(
+    rows: pd.DataFrame, config: KeypointConfig, *, progress: bool = False
+) -> tuple[list[FrameMask | None], list[Problem]]:
+    """Return where the animal is in each row's frame (None: not known, features everywhere) and the masks refused.
+
+    As `config.user_masks` and `config.background` say (reid.background); a refused
+    user mask is one Problem naming the row and the fix, and the row goes on without it.
+    """
+    masks, refused = foreground_masks(
+        rows, background=config.background, user_masks=config.user_masks, progress=progress
+    )
+    paths = rows["image_path"].astype(str).tolist()
+    return masks, [image_problem(rows, i, paths[i], reason) for i, reason in refused]
+
+
+def animal_pixels(
+    rows: pd.DataFrame,
+    i: int,
+    mask: FrameMask | None,
+    path: str,
+    box: Sequence[float] | None,
+    config: KeypointConfig,
+    shape: tuple[int, int],
+    problems: list[Problem],
+) -> np.ndarray | None:
+    """Return the (H, W) bool animal pixels of row i's crop (as `read_crop` cut it), or None: keep every keypoint.
+
+    A station mask that covers little of the box missed the animal and is dropped; a
+    user mask with nothing inside the box is reported in `problems` and dropped.
+    """
+    if mask is None:
+        return None
+    inside = crop_mask(
+        mask, path, None if box is None or np.isnan(np.asarray(box, float)).any() else box, config.crop_margin, shape
+    )
+    if box_cover_too_low(mask, inside):
+        return None
+    if not inside.any():
+        problems.append(
+            image_problem(
+                rows,
+                i,
+                path,
+                "its mask marks no pixel inside the box as the animal; fix the mask or the box; "
+                "the row is used without a mask (features from the whole box)",
+            )
+        )
+        return None
+    return inside
 
 
 def match(query: Features, gallery: Features, config: KeypointConfig) -> Correspondences:
@@ -582,7 +649,9 @@ def _detector(config: KeypointConfig) -> cv2.Feature2D:
     return cast(cv2.Feature2D, create(threshold=0.0005))
 
 
-def _extract(image: np.ndarray, config: KeypointConfig, detector: cv2.Feature2D) -> Features:
+def _extract(
+    image: np.ndarray, config: KeypointConfig, detector: cv2.Feature2D, animal: np.ndarray | None = None
+) -> Features:
     if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] != 3):
         raise ReidError(
             f"extract needs an (H, W, 3) uint8 RGB or (H, W) uint8 image, got {image.dtype} {image.shape}; "
@@ -595,6 +664,9 @@ def _extract(image: np.ndarray, config: KeypointConfig, detector: cv2.Feature2D)
     x0, y0, x1, y1 = _roi_px(config.roi, width, height)
     mask = np.zeros((height, width), np.uint8)
     mask[y0:y1, x0:x1] = 255
+    if animal is not None:
+        # Keypoints only on the animal (their descriptors still see their surroundings): the budget goes there.
+        mask[~animal] = 0
     keypoints, descriptors = detector.detectAndCompute(gray, mask)
     if descriptors is None or not keypoints:
         return dataclasses.replace(_empty(config.method), size=(height, width))
@@ -602,6 +674,8 @@ def _extract(image: np.ndarray, config: KeypointConfig, detector: cv2.Feature2D)
     response = np.array([kp.response for kp in keypoints], np.float32)
     # Sub-pixel refinement can move a keypoint a little past the mask's edge.
     inside = (xy[:, 0] >= x0) & (xy[:, 0] < x1) & (xy[:, 1] >= y0) & (xy[:, 1] < y1)
+    if animal is not None:
+        inside &= on_animal(xy, animal)
     kept = np.flatnonzero(inside)
     kept = kept[np.argsort(-response[kept], kind="stable")[: config.max_features]]
     descriptors = descriptors[kept]
@@ -615,6 +689,15 @@ def _extract(image: np.ndarray, config: KeypointConfig, detector: cv2.Feature2D)
         descriptors=np.ascontiguousarray(descriptors, dtype=dtype),
         size=(height, width),
     )
+
+
+def on_animal(xy: np.ndarray, animal: np.ndarray) -> np.ndarray:
+    """Return (N,) bool: which (N, 2) crop positions (x, y px) fall on the animal's pixels of an (H, W) crop mask."""
+    height, width = animal.shape
+    cols = np.clip(np.floor(xy[:, 0]).astype(np.int64), 0, width - 1)
+    rows = np.clip(np.floor(xy[:, 1]).astype(np.int64), 0, height - 1)
+    found: np.ndarray = animal[rows, cols]
+    return found
 
 
 def _roi_px(roi: tuple[float, float, float, float], width: int, height: int) -> tuple[int, int, int, int]:

@@ -28,9 +28,12 @@ from reid.keypoints import (
     LEARNED_METHODS,
     Features,
     KeypointConfig,
+    animal_pixels,
     empty_features,
     frame_positions,
+    on_animal,
     read_crop,
+    row_masks,
 )
 from reid.keypoints import extract_rows as extract_weight_free
 from reid.keypoints import score_pairs as score_verified_pairs
@@ -60,7 +63,8 @@ def extract_rows(
     """Return one Features per catalogue row, in row order, and the problems met, for any configured matcher.
 
     As `reid.keypoints.extract_rows`: an unreadable row gets empty features and a
-    Problem naming it, and the run goes on.
+    Problem naming it, and the run goes on. Where a row's animal is known (a user mask,
+    or the station background model, as the config says), only keypoints on it are kept.
     """
     if config.method not in LEARNED_METHODS:
         return extract_weight_free(rows, config, progress=progress)
@@ -72,8 +76,8 @@ def extract_rows(
         boxes: list[Sequence[float] | None] = list(rows[list(BBOX_COLUMNS)].to_numpy(dtype=float))
     else:
         boxes = [None] * len(paths)
+    masks, problems = row_masks(rows, config, progress=progress)
     features: list[Features] = []
-    problems: list[Problem] = []
     for i, (path, box) in enumerate(
         tqdm(zip(paths, boxes, strict=True), total=len(paths), desc=config.method, unit="img", disable=not progress)
     ):
@@ -89,6 +93,9 @@ def extract_rows(
             features.append(empty_features(config.method))
             continue
         found = _in_roi(matcher.extract(crop), config)
+        animal = animal_pixels(rows, i, masks[i], path, box, config, crop.shape[:2], problems)
+        if animal is not None:
+            found = _on_animal(found, animal)
         item = Features(found.keypoints, found.descriptors, found.image_size)
         item.frame_xy = frame_positions(path, box, config, item)
         features.append(item)
@@ -131,6 +138,15 @@ def local_features(features: Features) -> LocalFeatures:
             "keypoints.method rootsift, sift or a learned one"
         )
     return LocalFeatures(features.xy, features.descriptors, features.size)
+
+
+def _on_animal(found: LocalFeatures, animal: np.ndarray) -> LocalFeatures:
+    """Return the features whose keypoints lie on the animal's pixels of the crop (the network saw the whole crop)."""
+    if not len(found):
+        return found
+    keep = on_animal(found.keypoints, animal)
+    scores = found.scores[keep] if found.scores is not None else None
+    return LocalFeatures(found.keypoints[keep], found.descriptors[keep], found.image_size, scores)
 
 
 def _in_roi(found: LocalFeatures, config: KeypointConfig) -> LocalFeatures:
