@@ -148,6 +148,9 @@ class Thresholds:
     max_wrong_id: float = 0.05
     max_false_new: float = 0.05
     max_false_merge: float = 0.05
+    group: float | None = None
+    """Score from which two encounters decided new become one provisional individual (calibrated on pairs of
+    labelled encounters); None: the known threshold."""
     design_effects: dict[str, float] = field(default_factory=dict)
     """Per rate (wrong_id, false_new, false_merge), how much the calibration decisions err together by individual
     (`design_effect`): its bound counts the decisions as that many times fewer independent ones. 1 when absent."""
@@ -204,6 +207,8 @@ class Thresholds:
         values["notes"] = list(self.notes)
         values["design_effects"] = dict(self.design_effects)
         values["known"] = self.known if np.isfinite(self.known) else "inf"
+        if self.group is not None and not np.isfinite(self.group):
+            values["group"] = "inf"
         values["new"] = self.new if np.isfinite(self.new) else "-inf"
         return json.dumps(values, indent=2)
 
@@ -218,6 +223,8 @@ class Thresholds:
                     "`python infer.py mode=calibrate` again"
                 )
             values["known"], values["new"] = float(values["known"]), float(values["new"])
+            if values.get("group") is not None:
+                values["group"] = float(values["group"])
             return cls(**values)
         except (ValueError, TypeError, KeyError) as err:
             raise ReidError(f"not a thresholds file ({err}); run calibration again") from err
@@ -393,12 +400,31 @@ def _lowest_safe_threshold(
         merge_effect = _running_design_effects(names, merge, population=unseen_names)
     wrong_share = _median_unbiased(np.cumsum(wrong) / wrong_effect, decided / wrong_effect)
     merged_share = _median_unbiased(np.cumsum(merge) / merge_effect, unseen_total / merge_effect)
+    return _lowest_of(scores, (wrong_share <= max_wrong_id) & (merged_share <= max_false_merge))
+
+
+def lowest_safe_score(scores: np.ndarray, wrong: np.ndarray, max_wrong: float) -> float | None:
+    """Return the lowest threshold whose pairs at or above it are wrong no more than `max_wrong` of the time, or None.
+
+    The share is judged by its median-unbiased estimate, as `calibrate` judges the known threshold.
+    """
+    scores, wrong = np.asarray(scores, dtype=float), np.asarray(wrong, dtype=bool)
+    keep = np.isfinite(scores)
+    scores, wrong = scores[keep], wrong[keep]
+    order = np.argsort(-scores, kind="stable")
+    scores, wrong = scores[order], wrong[order]
+    share = _median_unbiased(np.cumsum(wrong), np.arange(1, len(scores) + 1))
+    return _lowest_of(scores, share <= max_wrong)
+
+
+def _lowest_of(scores: np.ndarray, safe: np.ndarray) -> float | None:
+    """Return the lowest threshold over descending `scores` whose prefix is `safe`, or None when none is."""
     # Equal scores are decided together: a threshold sits after the last of a tie.
     last_of_tie = np.append(scores[1:] != scores[:-1], True)
-    safe = np.flatnonzero(last_of_tie & (wrong_share <= max_wrong_id) & (merged_share <= max_false_merge))
-    if len(safe) == 0:
+    found = np.flatnonzero(last_of_tie & safe)
+    if len(found) == 0:
         return None
-    lowest = safe[-1]
+    lowest = found[-1]
     # Just above the next lower score, not at the lowest one decided: a right match a little below every
     # calibration score is still taken, and nothing that broke the target is.
     return float(np.nextafter(scores[lowest + 1], np.inf)) if lowest + 1 < len(scores) else float(scores[lowest])
@@ -527,8 +553,8 @@ def group_new_individuals(similarity: np.ndarray, threshold: float) -> np.ndarra
     """Return a cluster label per item: items whose average-linkage similarity reaches `threshold` share one.
 
     `similarity` is a symmetric (N, N) matrix of scores on the same scale as the
-    thresholds, so two unmatched captures become one provisional individual
-    exactly when they would have matched each other as known.
+    thresholds; `threshold` is the calibrated grouping threshold (`Thresholds.group`),
+    or the known one.
     """
     n = len(similarity)
     if n == 0:
@@ -605,8 +631,9 @@ def decide(
         np.array([top[e] for e in encounter_order]), np.array([lead[e] for e in encounter_order])
     )
     decided = dict(zip(encounter_order, verdicts, strict=True))
+    grouping = thresholds.known if thresholds.group is None else thresholds.group
     new_ids = provisional_ids(
-        [e for e in encounter_order if decided[e] == NEW], members, sides, thresholds.known, new_prefix, similarity
+        [e for e in encounter_order if decided[e] == NEW], members, sides, grouping, new_prefix, similarity
     )
 
     for e in encounter_order:

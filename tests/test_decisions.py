@@ -18,6 +18,7 @@ from reid.decisions import (
     evaluate_thresholds,
     group_new_individuals,
     individual_scores,
+    lowest_safe_score,
     pool_encounter,
     rate_upper_bound,
 )
@@ -256,6 +257,34 @@ def test_decide_groups_new_encounters_with_the_similarity_it_is_given() -> None:
     assert grouped[0] == grouped[1] != grouped[2]
     alone = decide(*args).decisions["assigned_id"].tolist()
     assert len(set(alone)) == 3
+
+
+def test_new_encounters_group_from_the_calibrated_grouping_threshold() -> None:
+    queries = _queries(["e1", "e2"], ["left", "left"])
+    args = (queries, np.full((2, 1), -np.inf), np.full((2, 1), -1), np.array([], object), np.array([], object))
+
+    def similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return np.array([[1.0 if i == j else 0.8 for j in b] for i in a])
+
+    strict = decide(*args, Thresholds(known=0.9, new=0.5), similarity=similarity).decisions
+    calibrated = decide(*args, Thresholds(known=0.9, new=0.5, group=0.75), similarity=similarity).decisions
+    assert strict["assigned_id"].nunique() == 2  # 0.8 would not match as known
+    assert calibrated["assigned_id"].nunique() == 1  # but reaches the grouping threshold
+    assert Thresholds.from_json(Thresholds(0.9, 0.5, group=float("inf")).to_json()).group == float("inf")
+
+
+def test_the_grouping_threshold_keeps_pairs_of_different_animals_within_target() -> None:
+    # Pairs from the top: 20 same-animal pairs at 0.99 .. 0.80, then one different at 0.79, 20 same at 0.78 .. 0.59,
+    # then ten different at 0.5. With the one wrong pair, 1 of 41 (median-unbiased 4.1 %) meets 5 %;
+    # the next ten wrong ones do not: the threshold sits just above 0.5.
+    scores = np.array([*np.linspace(0.99, 0.80, 20), 0.79, *np.linspace(0.78, 0.59, 20), *np.full(10, 0.5)])
+    wrong = np.array([False] * 20 + [True] + [False] * 20 + [True] * 10)
+    threshold = lowest_safe_score(scores, wrong, 0.05)
+    assert threshold is not None and 0.5 < threshold <= 0.59
+    # At 4 %, 1 of 41 (4.1 %) is too many, 0 of 20 (3.4 %) is not: the threshold sits just above the wrong 0.79.
+    stricter = lowest_safe_score(scores, wrong, 0.04)
+    assert stricter is not None and 0.79 < stricter <= 0.80
+    assert lowest_safe_score(np.array([0.9]), np.array([True]), 0.05) is None
 
 
 def test_new_captures_group_when_they_would_match_each_other() -> None:

@@ -12,14 +12,14 @@ those decisions.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from reid.catalogue import SEARCHED_SIDES
-from reid.decisions import Thresholds, as_independent, calibrate, decide
+from reid.decisions import Thresholds, as_independent, calibrate, decide, lowest_safe_score
 from reid.errors import Problem, ReidError
 from reid.files import write_csv
 from reid.fusion import (
@@ -98,7 +98,8 @@ def calibrate_thresholds(
         )
     candidates = _candidates(labelled, embeddings, features, keypoint_config, fusion, settings, progress)
     fusion = _fitted(fusion, candidates, np.ones(len(labelled), dtype=bool), settings)
-    per_encounter = _cross_fitted_decisions(labelled, candidates, fusion, settings)
+    scores, similarity = _cross_fitted_scores(labelled, candidates, fusion, settings)
+    per_encounter = _cross_fitted_decisions(labelled, candidates, scores)
     known = (per_encounter["role"] == "known").to_numpy()
     top = per_encounter["top_score"].fillna(-np.inf).to_numpy()
     margin = per_encounter["margin"].to_numpy()
@@ -114,6 +115,7 @@ def calibrate_thresholds(
         max_false_merge=settings.max_false_merge,
         max_false_new=settings.max_false_new,
     )
+    thresholds = replace(thresholds, group=_grouping_threshold(labelled, candidates, similarity, settings))
     for note in thresholds.notes:
         log.warning("calibration: %s", note)
     return thresholds, per_encounter, fusion
@@ -230,6 +232,36 @@ def _check_enough_labels(labelled: pd.DataFrame, min_individuals: int) -> None:
         )
 
 
+def _grouping_threshold(
+    labelled: pd.DataFrame, candidates: _Candidates, similarity: np.ndarray, settings: CalibrationSettings
+) -> float:
+    """Return the score from which two new encounters become one provisional individual.
+
+    Pairs of labelled encounters (each picture with its shortlisted pictures of other
+    encounters; the pair's score is its best picture pair) are joined from the top
+    down; the threshold is the lowest at which the joined pairs of different animals
+    stay within `max_wrong_id` (median-unbiased, as the known threshold is judged).
+    Lower than the known threshold as a rule: two new encounters are compared with
+    each other, not with the best of a whole gallery, so the known threshold would
+    split one new animal into several. inf (nothing grouped) when no threshold holds.
+    """
+    encounters = labelled["encounter_id"].fillna("row:" + labelled["annotation_id"]).to_numpy(dtype=object)
+    query, slot = np.nonzero(candidates.rows >= 0)
+    mine, theirs = encounters[query].astype(str), encounters[candidates.rows[query, slot]].astype(str)
+    pairs = pd.DataFrame(
+        {
+            "a": np.where(mine < theirs, mine, theirs),
+            "b": np.where(mine < theirs, theirs, mine),
+            "score": similarity[query, slot],
+            "same": candidates.same[query, slot],
+        }
+    )
+    pairs = pairs[np.isfinite(pairs["score"]) & (pairs["a"] != pairs["b"])]
+    best = pairs.groupby(["a", "b"]).agg(score=("score", "max"), same=("same", "max"))
+    threshold = lowest_safe_score(best["score"].to_numpy(), ~best["same"].to_numpy(dtype=bool), settings.max_wrong_id)
+    return float("inf") if threshold is None else threshold
+
+
 def _has_other_picture(queries: pd.DataFrame) -> np.ndarray:
     """Return, per row, whether its individual has a picture of a searched side in another encounter."""
     sides = queries["side"].fillna("unknown").to_numpy(dtype=object)
@@ -325,23 +357,19 @@ def _fitted(
     return fitted
 
 
-def _cross_fitted_decisions(
+def _cross_fitted_scores(
     labelled: pd.DataFrame, candidates: _Candidates, fusion: ScoreFusion, settings: CalibrationSettings
-) -> pd.DataFrame:
-    """Return two rows per labelled encounter, one per role, with its truth, top candidate, score and margin.
+) -> tuple[np.ndarray, np.ndarray]:
+    """Return the (N, K) final scores of every picture's candidates, and their similarity as new captures compare.
 
-    Every encounter is a query twice, against every other labelled picture: as an
-    enrolled animal seen again ("known": only its own encounter left out, where its
-    individual has another same-side picture) and as a new animal ("unseen": its
-    whole individual left out). The reference is then as large as the gallery the
-    thresholds will face: an impostor's best score grows with the number of animals
-    enrolled. The scores are cross-fitted: a picture's candidates are scored with
-    matcher calibrations fitted on the other half of the individuals, so the
-    thresholds are not chosen on scores calibrated on the same pairs (in-sample,
-    isotonic steps separate them too well and promise fewer wrong IDs than come).
+    Cross-fitted: a picture's candidates are scored with matcher calibrations fitted
+    on the other half of the individuals, so the thresholds are not chosen on scores
+    calibrated on the same pairs (in-sample, isotonic steps separate them too well
+    and promise fewer wrong IDs than come). The similarity is what `FusedScorer.similarity`
+    gives two queries: LNBNN, a vote over the gallery, takes no part.
     """
     individuals = labelled["individual_id"].to_numpy(dtype=object)
-    scores = candidates.cosine.copy()
+    scores, similarity = candidates.cosine.copy(), candidates.cosine.copy()
     if fusion.parts != ("embedding",):
         names = np.array(sorted(set(individuals)), dtype=object)
         half = np.random.default_rng(settings.seed).permutation(len(names)) % 2
@@ -350,11 +378,25 @@ def _cross_fitted_decisions(
         for k in (0, 1):
             fitted = _fitted(fusion, candidates, in_fold != k, settings)
             rows = in_fold == k
-            scores[rows] = fitted.combine(
-                candidates.cosine[rows],
-                None if candidates.inliers is None else candidates.inliers[rows],
-                None if candidates.lnbnn is None else candidates.lnbnn[rows],
-            )
+            inliers = None if candidates.inliers is None else candidates.inliers[rows]
+            votes = None if candidates.lnbnn is None else candidates.lnbnn[rows]
+            scores[rows] = fitted.combine(candidates.cosine[rows], inliers, votes)
+            if fusion.parts != ("lnbnn",):
+                similarity[rows] = fitted.combine(candidates.cosine[rows], inliers, None, absent_is_neutral=True)
+    return scores, similarity
+
+
+def _cross_fitted_decisions(labelled: pd.DataFrame, candidates: _Candidates, scores: np.ndarray) -> pd.DataFrame:
+    """Return two rows per labelled encounter, one per role, with its truth, top candidate, score and margin.
+
+    Every encounter is a query twice, against every other labelled picture: as an
+    enrolled animal seen again ("known": only its own encounter left out, where its
+    individual has another same-side picture) and as a new animal ("unseen": its
+    whole individual left out). The reference is then as large as the gallery the
+    thresholds will face: an impostor's best score grows with the number of animals
+    enrolled. `scores` are the candidates' cross-fitted scores (`_cross_fitted_scores`).
+    """
+    individuals = labelled["individual_id"].to_numpy(dtype=object)
     encounters = labelled["encounter_id"].fillna("row:" + labelled["annotation_id"]).astype("string")
     queries = labelled.assign(encounter_id=encounters).reset_index(drop=True)
     gallery_ids = labelled["individual_id"].to_numpy(dtype=object)
