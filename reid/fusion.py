@@ -4,7 +4,9 @@ Each score (cosine similarity; the configured matcher's verified correspondences
 confident matches; HotSpotter's LNBNN vote over the whole gallery's local features)
 is mapped to the probability that a pair of pictures shows the same individual,
 fitted on labelled pairs, and any set of them is fused: by the sum of their
-log-odds (independent evidence) or their mean, as WildFusion does. The pair matcher
+log-odds (independent evidence), by their mean, as WildFusion does, or by a
+weighted sum of their log-odds fitted on the same pairs ("stacked"), which does
+not count twice the evidence of two scores made from the same features. The pair matcher
 is too slow for a whole large gallery, so it re-ranks a shortlist of the best
 `shortlist` entries, ranked by the embedding, by LNBNN, or the union of both
 (`ranker`); with a shortlist as large as the gallery it ranks the whole gallery.
@@ -16,6 +18,7 @@ calibrated on.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Sequence
@@ -40,7 +43,7 @@ embedding+keypoints+lnbnn."""
 Ranker = Literal["embedding", "lnbnn", "union"]
 RANKERS: tuple[str, ...] = get_args(Ranker)
 SCORES: tuple[str, ...] = ("embedding", "keypoints", "lnbnn")
-FusionRule = Literal["mean", "log_odds"]
+FusionRule = Literal["mean", "log_odds", "stacked"]
 CalibrationMethod = Literal["logistic", "isotonic", "auto"]
 DEFAULT_CALIBRATION: CalibrationMethod = "auto"
 MIN_ISOTONIC_PAIRS = 200
@@ -153,8 +156,10 @@ class ScoreFusion:
     catalogue's embedding is weak, and a match outside the shortlist cannot be found (200 pairs take about
     0.1 s per query)."""
     rule: FusionRule = "log_odds"
-    """How calibrated probabilities are fused: their mean (WildFusion), or the sum of their log-odds (independent
-    evidence, naive Bayes), which lets a confident matcher outweigh an uninformative one."""
+    """How calibrated probabilities are fused: their mean (WildFusion); the sum of their log-odds (independent
+    evidence, naive Bayes), which lets a confident matcher outweigh an uninformative one; or stacked: a weighted
+    sum of their log-odds, the weights fitted on labelled pairs (a logistic regression, no weight below 0), so
+    that two scores of the same features (keypoints and LNBNN) are not counted as two independent witnesses."""
     ranker: Ranker = "embedding"
     """Where the shortlist comes from: the embedding's nearest entries, the entries LNBNN votes for most over the
     whole gallery, or the union of both (up to 2B entries)."""
@@ -164,6 +169,10 @@ class ScoreFusion:
     embedding: Calibration | None = None
     keypoints: Calibration | None = None
     lnbnn: Calibration | None = None
+    weights: tuple[float, ...] = ()
+    """Rule stacked: the weight of each part's log-odds, in the order of `parts` (fitted by `fit_fusion`)."""
+    bias: float = 0.0
+    """Rule stacked: added to the weighted log-odds."""
 
     def __post_init__(self) -> None:
         parts = self.method.split("+") if isinstance(self.method, str) else []
@@ -174,8 +183,9 @@ class ScoreFusion:
                 f"score method {self.method!r} is not one of {', '.join(SCORE_METHODS)} or a set of "
                 f"{', '.join(SCORES)} joined by + (e.g. embedding+keypoints+lnbnn)"
             )
-        if self.rule not in ("mean", "log_odds"):
-            raise ReidError(f"fusion rule {self.rule!r} is not one of mean, log_odds")
+        if self.rule not in get_args(FusionRule):
+            raise ReidError(f"fusion rule {self.rule!r} is not one of {', '.join(get_args(FusionRule))}")
+        object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))
         if self.ranker not in RANKERS:
             raise ReidError(f"scoring.ranker={self.ranker!r} is not one of {', '.join(RANKERS)}")
         if self.shortlist < 1:
@@ -215,7 +225,8 @@ class ScoreFusion:
         parts = self.parts
         if parts == ("embedding",):
             return True
-        return all(getattr(self, p) is not None for p in parts)
+        stacked = self.rule != "stacked" or len(parts) == 1 or len(self.weights) == len(parts)
+        return stacked and all(getattr(self, p) is not None for p in parts)
 
     def combine(
         self,
@@ -255,18 +266,25 @@ class ScoreFusion:
                 f"score method {self.method} needs calibrations of {', '.join(missing)}; run calibration "
                 "(`python infer.py mode=calibrate`)"
             )
-        probabilities = []
-        for name in parts:
+        if self.rule == "stacked" and len(self.weights) != len(parts):
+            raise ReidError(
+                f"fusion rule stacked needs its weights fitted for {', '.join(parts)}; run calibration "
+                "(`python infer.py mode=calibrate`)"
+            )
+        probabilities, weights = [], []
+        for k, name in enumerate(parts):
             value = raw[name]
             if value is None:
                 continue
             calibration = getattr(self, name)
             probabilities.append(np.clip(calibration(value), _EPS, 1 - _EPS))
+            weights.append(self.weights[k] if self.rule == "stacked" else 1.0)
         if self.rule == "mean":
             fused = np.mean(probabilities, axis=0)
         else:
             # Every calibration assumes a 50/50 prior, so the prior's log-odds (0) need not be subtracted.
-            fused = expit(np.sum([logit(p) for p in probabilities], axis=0))
+            bias = self.bias if self.rule == "stacked" else 0.0
+            fused = expit(bias + np.sum([w * logit(p) for w, p in zip(weights, probabilities, strict=True)], axis=0))
         return np.where(np.isfinite(cosine), fused, -np.inf)
 
     def to_json(self) -> str:
@@ -292,10 +310,63 @@ class ScoreFusion:
                 rule=data.get("rule", "log_odds"),
                 ranker=data.get("ranker", "embedding"),
                 lnbnn_index=data.get("lnbnn_index", "flat"),
+                weights=tuple(data.get("weights", ())),
+                bias=float(data.get("bias", 0.0)),
                 **calibrations,
             )
         except (ValueError, KeyError, TypeError) as err:
             raise ReidError(f"not a score-fusion file ({err}); run calibration again") from err
+
+
+def fit_fusion(
+    fusion: ScoreFusion,
+    cosine: np.ndarray,
+    inliers: np.ndarray | None,
+    lnbnn: np.ndarray | None,
+    same: np.ndarray,
+    *,
+    method: CalibrationMethod = DEFAULT_CALIBRATION,
+) -> ScoreFusion:
+    """Return `fusion` with every calibration its parts need fitted on labelled pairs (and, rule stacked, the weights).
+
+    The pairs are 1-D: their cosine similarities, raw matcher scores and LNBNN votes
+    (None where the part takes no part), and whether each is the same individual.
+    The embedding keeps its cosine when it is the only part.
+    """
+    fitted = ScoreFusion(fusion.method, fusion.shortlist, fusion.rule, fusion.ranker, fusion.lnbnn_index)
+    parts = fitted.parts
+    if parts == ("embedding",):
+        return fitted
+    same = np.asarray(same, dtype=bool)
+    for part, raw, log_scale in (("keypoints", inliers, True), ("lnbnn", lnbnn, True), ("embedding", cosine, False)):
+        if part in parts:
+            if raw is None:
+                raise ReidError(f"score method {fusion.method} needs {part} scores to be calibrated")
+            setattr(fitted, part, fit_calibration(raw, same, method=method, log_scale=log_scale))
+    if fitted.rule != "stacked" or len(parts) == 1:
+        return fitted
+    raw_scores = {"embedding": cosine, "keypoints": inliers, "lnbnn": lnbnn}
+    columns = []
+    for part in parts:
+        probability = getattr(fitted, part)(np.asarray(raw_scores[part], dtype=float))
+        columns.append(logit(np.clip(probability, _EPS, 1 - _EPS)))
+    x = np.column_stack(columns)
+    keep = np.isfinite(np.asarray(cosine, dtype=float))
+    x, y = x[keep], same[keep]
+    active = list(range(len(parts)))
+    weights = np.zeros(len(parts))
+    bias = 0.0
+    while active:
+        # Balanced, as each calibration is: a probability for a 50/50 prior, whatever the pair mix.
+        model = LogisticRegression(C=1e4, class_weight="balanced").fit(x[:, active], y)
+        coef = model.coef_[0]
+        if (coef >= 0).all():
+            weights[active], bias = coef, float(model.intercept_[0])
+            break
+        # A score may not lower the probability as it rises: drop the most negative and fit again.
+        active.pop(int(np.argmin(coef)))
+    log.info("stacked fusion: weights %s", dict(zip(parts, np.round(weights, 3).tolist(), strict=True)))
+    return dataclasses.replace(fitted, weights=tuple(float(w) for w in weights), bias=bias)
 
 
 class FusedScorer:

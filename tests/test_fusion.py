@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy.special import logit
 
 from reid.errors import ReidError
-from reid.fusion import Calibration, FusedScorer, ScoreFusion, fit_calibration
+from reid.fusion import Calibration, FusedScorer, ScoreFusion, fit_calibration, fit_fusion
 from reid.gallery import Gallery
 from reid.keypoints import KeypointConfig, extract_rows, score_pairs
 
@@ -129,3 +130,40 @@ def test_log_odds_rule_adds_the_evidence_and_ignores_an_uninformative_matcher() 
     np.testing.assert_allclose(log_odds, [0.9, 0.8])
     with pytest.raises(ReidError, match="fusion rule"):
         ScoreFusion("fused", rule="max")  # type: ignore[arg-type]
+
+
+def _scored_pairs(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Return cosine similarities that carry no identity, inlier counts that do, and whether each pair is the same."""
+    rng = np.random.default_rng(seed)
+    same = rng.random(n) < 0.3
+    inliers = np.where(same, rng.poisson(12, n), rng.poisson(3, n)).astype(float)
+    return rng.normal(0.0, 0.2, n), inliers, same
+
+
+def test_stacked_fusion_counts_two_copies_of_one_score_once() -> None:
+    # LNBNN votes that are the keypoint scores again: log_odds counts the same evidence twice, stacked once.
+    cosine, inliers, same = _scored_pairs(4000, 0)
+    copies = dict(method="logistic")
+    naive = fit_fusion(ScoreFusion("keypoints+lnbnn", rule="log_odds"), cosine, inliers, inliers, same, **copies)
+    stacked = fit_fusion(ScoreFusion("keypoints+lnbnn", rule="stacked"), cosine, inliers, inliers, same, **copies)
+    assert len(stacked.weights) == 2 and sum(stacked.weights) == pytest.approx(1.0, abs=0.05)
+    alone = stacked.keypoints(inliers)  # the calibrated probability of one copy
+    np.testing.assert_allclose(stacked.combine(cosine, inliers, inliers), alone, atol=0.02)
+    doubled = naive.combine(cosine, inliers, inliers)
+    assert np.abs(logit(doubled) - 2 * logit(np.clip(alone, 1e-6, 1 - 1e-6))).max() < 1e-6
+    again = ScoreFusion.from_json(stacked.to_json())
+    np.testing.assert_allclose(again.combine(cosine, inliers, inliers), stacked.combine(cosine, inliers, inliers))
+
+
+def test_stacked_fusion_gives_no_negative_weight_and_needs_its_weights() -> None:
+    cosine, inliers, same = _scored_pairs(3000, 1)
+    # An embedding that falls as identity rises (a misfit model): its calibration is flat, its weight not below 0.
+    backwards = np.where(same, -1.0, 1.0) * np.abs(cosine)
+    fitted = fit_fusion(ScoreFusion("embedding+keypoints", rule="stacked"), backwards, inliers, None, same)
+    assert all(w >= 0 for w in fitted.weights) and fitted.weights[1] > 0.5
+    assert fitted.calibrated and not ScoreFusion("embedding+keypoints", rule="stacked").calibrated
+    unweighted = ScoreFusion(
+        "embedding+keypoints", rule="stacked", embedding=fitted.embedding, keypoints=fitted.keypoints
+    )
+    with pytest.raises(ReidError, match="stacked needs its weights"):
+        unweighted.combine(cosine, inliers)

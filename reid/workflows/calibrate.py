@@ -27,7 +27,7 @@ from reid.fusion import (
     CalibrationMethod,
     FusedScorer,
     ScoreFusion,
-    fit_calibration,
+    fit_fusion,
     lnbnn_ranker,
 )
 from reid.gallery import Gallery, gallery_lock
@@ -340,21 +340,15 @@ def _fitted(
     fusion: ScoreFusion, candidates: _Candidates, queries: np.ndarray, settings: CalibrationSettings
 ) -> ScoreFusion:
     """Return `fusion` with its matchers' calibrations fitted on the shortlisted pairs of the `queries` rows."""
-    fitted = _unfitted(fusion)
-    parts = fusion.parts
-    if parts == ("embedding",):
-        return fitted
     valid = (candidates.rows >= 0) & queries[:, None]
-    same = candidates.same[valid]
-    if "keypoints" in parts:
-        assert candidates.inliers is not None
-        fitted.keypoints = fit_calibration(candidates.inliers[valid], same, method=settings.method, log_scale=True)
-    if "lnbnn" in parts:
-        assert candidates.lnbnn is not None
-        fitted.lnbnn = fit_calibration(candidates.lnbnn[valid], same, method=settings.method, log_scale=True)
-    if "embedding" in parts:
-        fitted.embedding = fit_calibration(candidates.cosine[valid], same, method=settings.method)
-    return fitted
+    return fit_fusion(
+        fusion,
+        candidates.cosine[valid],
+        None if candidates.inliers is None else candidates.inliers[valid],
+        None if candidates.lnbnn is None else candidates.lnbnn[valid],
+        candidates.same[valid],
+        method=settings.method,
+    )
 
 
 def _cross_fitted_scores(
