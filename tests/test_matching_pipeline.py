@@ -17,7 +17,7 @@ from reid.errors import ReidError
 from reid.fusion import Calibration, FusedScorer, ScoreFusion, lnbnn_ranker
 from reid.gallery import Gallery, GalleryError, StoredKeypoints
 from reid.keypoints import Features, KeypointConfig, features_from_bytes, features_to_bytes
-from reid.matchers import extract_rows, matcher_available, score_pairs
+from reid.matchers import extract_rows, local_features, matcher_available, score_pairs
 from reid.workflows.calibrate import calibrate_thresholds
 from reid.workflows.match import score_queries, shortlist
 
@@ -257,6 +257,35 @@ def test_calibration_fits_every_score_of_an_lnbnn_fusion(flank_catalogue: pd.Dat
     known = per_encounter[per_encounter["role"] == "known"]
     # Random embeddings, but the coats are easy: LNBNN and RANSAC find most animals.
     assert known["top_correct"].mean() > 0.8
+
+
+def test_calibration_votes_as_a_new_animal_without_its_individual_in_the_index(flank_catalogue: pd.DataFrame) -> None:
+    from reid.keypoints import extract_rows as extract_weight_free
+    from reid.workflows.calibrate import CalibrationSettings, _candidates
+
+    rows = flank_catalogue[flank_catalogue["individual_id"].isin([f"KZ-{i:04d}" for i in range(5)])]
+    rows = rows.reset_index(drop=True)
+    config = KeypointConfig(max_features=100)
+    features, _ = extract_weight_free(rows, config, progress=False)
+    embeddings = np.random.default_rng(1).normal(size=(len(rows), 8)).astype(np.float32)
+    embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
+    fusion = ScoreFusion("keypoints+lnbnn", shortlist=8, ranker="union")
+    found = _candidates(rows, embeddings, features, config, fusion, CalibrationSettings(), progress=False)
+    assert found.lnbnn is not None and found.lnbnn_unseen is not None
+    sides = rows["side"].astype(str).to_numpy()
+    for q in (0, 7, len(rows) - 1):
+        # Brute force: an index of every picture but those of the query's individual.
+        others = np.flatnonzero(rows["individual_id"] != rows["individual_id"][q])
+        ranker = lnbnn_ranker([features[i] for i in others], sides[others])
+        votes = ranker.picture_scores(local_features(features[q]), sides[q])
+        position = {int(row): k for k, row in enumerate(others)}
+        for slot, row in enumerate(found.rows[q]):
+            if row >= 0 and int(row) in position:
+                assert found.lnbnn_unseen[q, slot] == pytest.approx(votes[position[int(row)]], rel=1e-5)
+    # With its own pictures in the index, an impostor gets fewer votes than when the animal is new.
+    impostor = (found.rows >= 0) & ~found.same
+    assert (found.lnbnn_unseen[impostor] >= found.lnbnn[impostor] - 1e-9).all()
+    assert (found.lnbnn_unseen[impostor] > found.lnbnn[impostor] + 1e-9).any()
 
 
 @pytest.mark.parametrize("preset", sorted(p.stem for p in (CONF / "matching").glob("*.yaml")))

@@ -98,8 +98,8 @@ def calibrate_thresholds(
         )
     candidates = _candidates(labelled, embeddings, features, keypoint_config, fusion, settings, progress)
     fusion = _fitted(fusion, candidates, np.ones(len(labelled), dtype=bool), settings)
-    scores, similarity = _cross_fitted_scores(labelled, candidates, fusion, settings)
-    per_encounter = _cross_fitted_decisions(labelled, candidates, scores)
+    scores, unseen, similarity = _cross_fitted_scores(labelled, candidates, fusion, settings)
+    per_encounter = _cross_fitted_decisions(labelled, candidates, scores, unseen)
     known = (per_encounter["role"] == "known").to_numpy()
     top = per_encounter["top_score"].fillna(-np.inf).to_numpy()
     margin = per_encounter["margin"].to_numpy()
@@ -287,6 +287,9 @@ class _Candidates:
     """(N, K) raw LNBNN votes, None when LNBNN is no score."""
     same: np.ndarray
     """(N, K) whether the candidate is the picture's own individual."""
+    lnbnn_unseen: np.ndarray | None = None
+    """(N, K) LNBNN votes with the picture's whole individual out of the vote, as a new animal's would be: its
+    own pictures, left in, would take the nearest neighbours that impostors get when it is not enrolled."""
 
 
 def _candidates(
@@ -328,7 +331,24 @@ def _candidates(
     inliers, votes = scorer.raw_scores(rows)  # uncalibrated
     individuals = labelled["individual_id"].to_numpy(dtype=object)
     same = (rows >= 0) & (individuals[np.clip(rows, 0, None)] == individuals[:, None])
-    return _Candidates(rows, cosine, inliers, votes, same)
+    unseen_votes = None
+    if votes is not None:
+        assert features is not None and keypoint_config is not None and scorer.lnbnn is not None
+        animals = pd.Series(np.arange(len(labelled))).groupby(individuals).indices
+        as_new = FusedScorer(
+            _unfitted(fusion),
+            embeddings,
+            features,
+            features,
+            keypoint_config,
+            query_sides=sides,
+            lnbnn=scorer.lnbnn,
+            lnbnn_exclude=[np.asarray(animals[i]) for i in individuals],
+            progress=progress,
+        )
+        unseen_votes = np.take_along_axis(as_new.lnbnn_votes(), np.clip(rows, 0, None), axis=1).astype(np.float64)
+        unseen_votes = np.where(rows >= 0, unseen_votes, -np.inf)
+    return _Candidates(rows, cosine, inliers, votes, same, unseen_votes)
 
 
 def _unfitted(fusion: ScoreFusion) -> ScoreFusion:
@@ -353,8 +373,9 @@ def _fitted(
 
 def _cross_fitted_scores(
     labelled: pd.DataFrame, candidates: _Candidates, fusion: ScoreFusion, settings: CalibrationSettings
-) -> tuple[np.ndarray, np.ndarray]:
-    """Return the (N, K) final scores of every picture's candidates, and their similarity as new captures compare.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Return the (N, K) final scores of every picture's candidates, as an enrolled animal's and as a new animal's
+    (LNBNN voting without its individual), and their similarity as new captures compare.
 
     Cross-fitted: a picture's candidates are scored with matcher calibrations fitted
     on the other half of the individuals, so the thresholds are not chosen on scores
@@ -364,6 +385,7 @@ def _cross_fitted_scores(
     """
     individuals = labelled["individual_id"].to_numpy(dtype=object)
     scores, similarity = candidates.cosine.copy(), candidates.cosine.copy()
+    unseen = scores.copy()
     if fusion.parts != ("embedding",):
         names = np.array(sorted(set(individuals)), dtype=object)
         half = np.random.default_rng(settings.seed).permutation(len(names)) % 2
@@ -375,12 +397,16 @@ def _cross_fitted_scores(
             inliers = None if candidates.inliers is None else candidates.inliers[rows]
             votes = None if candidates.lnbnn is None else candidates.lnbnn[rows]
             scores[rows] = fitted.combine(candidates.cosine[rows], inliers, votes)
+            as_new = None if candidates.lnbnn_unseen is None else candidates.lnbnn_unseen[rows]
+            unseen[rows] = fitted.combine(candidates.cosine[rows], inliers, as_new)
             if fusion.parts != ("lnbnn",):
                 similarity[rows] = fitted.combine(candidates.cosine[rows], inliers, None, absent_is_neutral=True)
-    return scores, similarity
+    return scores, unseen, similarity
 
 
-def _cross_fitted_decisions(labelled: pd.DataFrame, candidates: _Candidates, scores: np.ndarray) -> pd.DataFrame:
+def _cross_fitted_decisions(
+    labelled: pd.DataFrame, candidates: _Candidates, scores: np.ndarray, unseen: np.ndarray
+) -> pd.DataFrame:
     """Return two rows per labelled encounter, one per role, with its truth, top candidate, score and margin.
 
     Every encounter is a query twice, against every other labelled picture: as an
@@ -388,7 +414,7 @@ def _cross_fitted_decisions(labelled: pd.DataFrame, candidates: _Candidates, sco
     individual has another same-side picture) and as a new animal ("unseen": its
     whole individual left out). The reference is then as large as the gallery the
     thresholds will face: an impostor's best score grows with the number of animals
-    enrolled. `scores` are the candidates' cross-fitted scores (`_cross_fitted_scores`).
+    enrolled. `scores` and `unseen` are the candidates' cross-fitted scores in each role (`_cross_fitted_scores`).
     """
     individuals = labelled["individual_id"].to_numpy(dtype=object)
     encounters = labelled["encounter_id"].fillna("row:" + labelled["annotation_id"]).astype("string")
@@ -400,7 +426,7 @@ def _cross_fitted_decisions(labelled: pd.DataFrame, candidates: _Candidates, sco
         ("known", scores, candidates.rows),
         (
             "unseen",
-            np.where(candidates.same, -np.inf, scores),
+            np.where(candidates.same, -np.inf, unseen),
             np.where(candidates.same, -1, candidates.rows),
         ),
     ):
