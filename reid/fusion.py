@@ -427,6 +427,7 @@ class FusedScorer:
                     str(self.query_sides[q]),
                     exclude=exclude,
                     lookahead=_LNBNN_LOOKAHEAD if len(exclude) else None,
+                    frame_xy=features.frame_xy,
                 )
             self._votes = votes
         return self._votes
@@ -481,16 +482,22 @@ def lnbnn_ranker(
     *,
     k: int = 4,
     index_kind: IndexKind = "flat",
+    config: KeypointConfig | None = None,
 ) -> LnbnnRanker:
     """Return the LNBNN ranker over a gallery's stored features, every entry its own label, searched by side.
 
-    `index_kind` hnsw or ivf searches the descriptors approximately: far faster on large galleries."""
+    `index_kind` hnsw or ivf searches the descriptors approximately: far faster on large galleries. With the
+    keypoint `config` the features were made with, a fixed camera's scene does not vote (its `static_background`
+    and `camera_shift`, as the pair matcher)."""
     return LnbnnRanker(
         [local_features(f) for f in features],
         [str(i) for i in range(len(features))],
         None if sides is None else [str(s) for s in sides],
         k=k,
         index_kind=index_kind,
+        frame_xy=[f.frame_xy for f in features] if config is not None else None,
+        static=config.static_background if config is not None else 0.0,
+        camera_shift=config.camera_shift if config is not None else 0.0,
     )
 
 

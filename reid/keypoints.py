@@ -356,7 +356,8 @@ def match(query: Features, gallery: Features, config: KeypointConfig) -> Corresp
     _check_compatible(query.descriptors, gallery.descriptors)
     query_index, gallery_index = _tentative_matches(query.descriptors, gallery.descriptors, config)
     if query.frame_xy is not None and gallery.frame_xy is not None:
-        keep = ~_background_matches(query.frame_xy[query_index] - gallery.frame_xy[gallery_index], sample, config)
+        displacement = query.frame_xy[query_index] - gallery.frame_xy[gallery_index]
+        keep = ~scene_matches(displacement, config.static_background, config.camera_shift, sample)
         query_index, gallery_index = query_index[keep], gallery_index[keep]
     if len(query_index) <= sample:
         return _no_match()
@@ -566,17 +567,18 @@ def draw_correspondences(
 # ----------------------------------------------------------------------------- internals
 
 
-def _background_matches(displacement: np.ndarray, sample: int, config: KeypointConfig) -> np.ndarray:
-    """Return which tentative matches are a fixed camera's scene, from their (M, 2) displacements in frame fractions.
+def scene_matches(displacement: np.ndarray, static: float, camera_shift: float, sample: int) -> np.ndarray:
+    """Return which matches of one picture pair are a fixed camera's scene, from their (M, 2) frame displacements.
 
-    The scene matches itself where it was (within `static_background`), or, when the camera was moved, all of it by
-    one small displacement: the largest group of matches that moved together by at most `camera_shift`, if it holds
-    more than a RANSAC sample (`sample` matches).
+    The scene matches itself where it was (within `static`, a fraction of the frame), or, when the camera was
+    moved, all of it by one small displacement: the largest group of matches that moved together (within
+    `static`) by at most `camera_shift`, if it holds more than `sample` matches (a RANSAC sample). The pair
+    matcher and LNBNN both drop them (`KeypointConfig.static_background`, `camera_shift`).
     """
-    tolerance = config.static_background
+    tolerance = static
     background = np.abs(displacement).max(axis=1) < tolerance
-    if config.camera_shift > 0 and tolerance > 0:
-        small = np.flatnonzero(~background & (np.abs(displacement).max(axis=1) <= config.camera_shift))
+    if camera_shift > 0 and tolerance > 0:
+        small = np.flatnonzero(~background & (np.abs(displacement).max(axis=1) <= camera_shift))
         if len(small) > sample:
             near = np.abs(displacement[small, None, :] - displacement[None, small, :]).max(axis=2) < tolerance
             support = near.sum(axis=1)

@@ -133,3 +133,26 @@ def test_lnbnn_over_bundled_xfeat_features_ranks_the_same_coat_first() -> None:
             assert ranker.individuals[scores.argmax()] == name, scores
     finally:
         torch.set_num_threads(threads)
+
+
+def test_a_fixed_cameras_scene_does_not_vote_where_it_was_nor_moved_with_the_camera() -> None:
+    # The query's 40 descriptors are the scene of one station: picture "same place" holds them at the same frame
+    # places, "camera moved" 3 % further right and down (re-mounted), "animal" at frame places 30 % away.
+    rng = np.random.default_rng(5)
+    scene = _features(rng, 40, 16)
+    query_xy = rng.uniform(0.1, 0.6, (40, 2)).astype(np.float32)
+    noise = [_features(rng, 40, 16) for _ in range(6)]  # other pictures: the vote's normaliser
+    gallery = [scene, scene, scene, *noise]
+    frames = [query_xy, query_xy + np.float32(0.03), query_xy + np.float32(0.3), *[None] * 6]
+    owners = ["same place", "camera moved", "animal", *[f"other-{i}" for i in range(6)]]
+    plain = LnbnnRanker(gallery, owners, k=4)
+    filtered = LnbnnRanker(gallery, owners, k=4, frame_xy=frames, static=0.01, camera_shift=0.08)
+    before = dict(zip(plain.individuals, plain.individual_scores(scene, frame_xy=query_xy), strict=True))
+    after = dict(zip(filtered.individuals, filtered.individual_scores(scene, frame_xy=query_xy), strict=True))
+    assert before["same place"] > 1 and before["camera moved"] > 1  # without frame positions the scene votes
+    # Only chance neighbours (another descriptor of the picture, elsewhere in the frame) are left to vote.
+    assert after["same place"] < 0.2 * before["same place"] and after["camera moved"] < 0.2 * before["camera moved"]
+    assert after["animal"] > 1  # the same patterns 30 % away in the frame moved: they vote
+    # A query without frame positions (a ready-made crop) is not filtered.
+    unplaced = dict(zip(filtered.individuals, filtered.individual_scores(scene), strict=True))
+    assert unplaced["same place"] == pytest.approx(before["same place"])

@@ -7,6 +7,13 @@ background or a coat texture many animals share) gives little, a distinctive one
 much. Each query descriptor votes at most once per individual (its nearest neighbour of
 that individual). Distances are Euclidean between L2-normalised descriptors (0 to 2),
 or their squares (0 to 4, `distance="squared"`, what an L2 FAISS index returns).
+
+Pictures cut from camera frames know where each descriptor sat in the frame: a
+neighbour that is the fixed camera's scene (at the same frame place, or moved with
+the rest of the scene by a re-mounted camera: `reid.keypoints.scene_matches`) is
+ignored, as the pair matcher ignores it; LNBNN's discount of shared features only
+covers features that many individuals share, and a station's scene is shared by the
+few animals that passed it.
 """
 
 from __future__ import annotations
@@ -19,11 +26,15 @@ import numpy as np
 
 from reid.errors import ReidError
 from reid.index import EmbeddingIndex, IndexKind
+from reid.keypoints import scene_matches
 from reid.matchers.base import LocalFeatures
 
 __all__ = ["LnbnnRanker", "lnbnn_votes"]
 
 UNKNOWN_SIDE = "unknown"
+_SCENE_SAMPLE = 3
+"""Neighbours of one gallery picture that moved together by a small shift count as its scene beyond this many
+(the affine RANSAC sample, as the pair matcher counts)."""
 
 
 def lnbnn_votes(distances: np.ndarray, labels: np.ndarray, n_labels: int, k: int) -> np.ndarray:
@@ -64,6 +75,8 @@ class _SideIndex:
     index: EmbeddingIndex
     picture: np.ndarray
     """(T,) int64 gallery picture of each indexed descriptor."""
+    frame: np.ndarray | None = None
+    """(T, 2) float32 frame position of each indexed descriptor (NaN where unknown), None when none is known."""
 
 
 class LnbnnRanker:
@@ -83,6 +96,9 @@ class LnbnnRanker:
         k: int = 4,
         index_kind: IndexKind = "flat",
         distance: Literal["euclidean", "squared"] = "euclidean",
+        frame_xy: Sequence[np.ndarray | None] | None = None,
+        static: float = 0.0,
+        camera_shift: float = 0.0,
     ) -> None:
         if len(individual_ids) != len(features) or (sides is not None and len(sides) != len(features)):
             raise ReidError(
@@ -96,8 +112,11 @@ class LnbnnRanker:
         dims = {f.dim for f in features}
         if len(dims) > 1:
             raise ReidError(f"LNBNN needs features of one matcher, got descriptor widths {sorted(dims)}")
+        if frame_xy is not None and len(frame_xy) != len(features):
+            raise ReidError(f"LNBNN needs one frame_xy (or None) per gallery picture: {len(features)} features")
         self.k = int(k)
         self.distance = distance
+        self.static, self.camera_shift = float(static), float(camera_shift)
         self.dim = dims.pop() if dims else 0
         self.individuals, self.picture_label = np.unique(
             np.asarray(individual_ids, dtype=object).astype(str), return_inverse=True
@@ -115,7 +134,18 @@ class LnbnnRanker:
             descriptors = np.concatenate(parts)
             descriptors /= np.maximum(np.linalg.norm(descriptors, axis=1, keepdims=True), 1e-12)
             owner = np.repeat(pictures, self.n_descriptors[pictures])
-            self._groups[side] = _SideIndex(EmbeddingIndex.build(descriptors, kind=index_kind), owner)
+            frame = None
+            if frame_xy is not None and self.static > 0 and any(frame_xy[i] is not None for i in pictures.tolist()):
+                frame = np.concatenate(
+                    [
+                        np.full((self.n_descriptors[i], 2), np.nan, np.float32)
+                        if frame_xy[i] is None
+                        else np.asarray(frame_xy[i], np.float32).reshape(-1, 2)
+                        for i in pictures.tolist()
+                        if len(features[i])
+                    ]
+                )
+            self._groups[side] = _SideIndex(EmbeddingIndex.build(descriptors, kind=index_kind), owner, frame)
 
     def __len__(self) -> int:
         """Return the number of gallery pictures."""
@@ -128,6 +158,7 @@ class LnbnnRanker:
         *,
         exclude: Sequence[int] | np.ndarray = (),
         lookahead: int | None = None,
+        frame_xy: np.ndarray | None = None,
     ) -> np.ndarray:
         """Return (I,) float64 LNBNN scores, one per individual of `self.individuals` (0 where none voted).
 
@@ -137,9 +168,10 @@ class LnbnnRanker:
         encounter, when the query is itself in the gallery). Exact exclusion looks past
         every excluded descriptor; `lookahead` caps that at so many extra neighbours (a
         benchmark's leave-one-out is then far cheaper; a query descriptor that still
-        finds fewer than K + 1 usable neighbours casts no vote).
+        finds fewer than K + 1 usable neighbours casts no vote). `frame_xy`, the query's
+        keypoints' frame positions, lets the camera's scene be ignored (module docstring).
         """
-        return self._scores(query, side, exclude, lookahead, self.picture_label, len(self.individuals))
+        return self._scores(query, side, exclude, lookahead, self.picture_label, len(self.individuals), frame_xy)
 
     def picture_scores(
         self,
@@ -148,9 +180,11 @@ class LnbnnRanker:
         *,
         exclude: Sequence[int] | np.ndarray = (),
         lookahead: int | None = None,
+        frame_xy: np.ndarray | None = None,
     ) -> np.ndarray:
         """Return (G,) float64 LNBNN scores, one per gallery picture: each picture votes as if it were an individual."""
-        return self._scores(query, side, exclude, lookahead, np.arange(len(self), dtype=np.int64), len(self))
+        pictures = np.arange(len(self), dtype=np.int64)
+        return self._scores(query, side, exclude, lookahead, pictures, len(self), frame_xy)
 
     def _scores(
         self,
@@ -160,6 +194,7 @@ class LnbnnRanker:
         lookahead: int | None,
         label_of_picture: np.ndarray,
         n_labels: int,
+        frame_xy: np.ndarray | None = None,
     ) -> np.ndarray:
         if len(query) and query.dim != self.dim and self.dim:
             raise ReidError(
@@ -181,11 +216,33 @@ class LnbnnRanker:
             hidden = int(self.n_descriptors[excluded & (self.sides == name)].sum())
             if lookahead is not None:
                 hidden = min(hidden, max(0, int(lookahead)))
-            similarity, ids = group.index.search(descriptors, self.k + 1 + hidden)
+            scene_filter = group.frame is not None and frame_xy is not None
+            # Neighbours dropped as scene: look a little further for the normaliser.
+            similarity, ids = group.index.search(descriptors, self.k + 1 + hidden + (self.k if scene_filter else 0))
             distances = np.maximum(2.0 - 2.0 * similarity.astype(np.float64), 0.0)
             if self.distance == "euclidean":
                 distances = np.sqrt(distances)
             pictures = group.picture[np.maximum(ids, 0)]
-            labels = np.where((ids >= 0) & ~excluded[pictures], label_of_picture[pictures], -1)
+            usable = (ids >= 0) & ~excluded[pictures]
+            if scene_filter:
+                assert group.frame is not None and frame_xy is not None
+                usable &= ~self._scene(np.asarray(frame_xy, np.float32).reshape(-1, 2), group.frame, ids, pictures)
+            labels = np.where(usable, label_of_picture[pictures], -1)
             best = np.maximum(best, lnbnn_votes(distances, labels, n_labels, self.k))
         return best
+
+    def _scene(self, query_xy: np.ndarray, frame: np.ndarray, ids: np.ndarray, pictures: np.ndarray) -> np.ndarray:
+        """Return (Q, K') which neighbours are a fixed camera's scene (`reid.keypoints.scene_matches`, per picture)."""
+        displacement = query_xy[:, None, :] - frame[np.maximum(ids, 0)]
+        known = (ids >= 0) & np.isfinite(displacement).all(axis=2)
+        scene = np.zeros(ids.shape, bool)
+        rows, cols = np.nonzero(known)
+        if not len(rows):
+            return scene
+        hit_pictures = pictures[rows, cols]
+        order = np.argsort(hit_pictures, kind="stable")
+        starts = np.flatnonzero(np.r_[True, hit_pictures[order][1:] != hit_pictures[order][:-1]])
+        for hits in np.split(order, starts[1:]):
+            found = scene_matches(displacement[rows[hits], cols[hits]], self.static, self.camera_shift, _SCENE_SAMPLE)
+            scene[rows[hits[found]], cols[hits[found]]] = True
+        return scene

@@ -319,7 +319,9 @@ def _candidates(
             features,
             keypoint_config,
             query_sides=sides,
-            lnbnn=lnbnn_ranker(features, sides, index_kind=fusion.lnbnn_index) if fusion.uses_lnbnn else None,
+            lnbnn=lnbnn_ranker(features, sides, index_kind=fusion.lnbnn_index, config=keypoint_config)
+            if fusion.uses_lnbnn
+            else None,
             lnbnn_exclude=own,
             progress=progress,
         )

@@ -75,6 +75,7 @@ def make_scorer(
             stored.features,
             gallery.entries["side"].fillna("unknown").to_numpy(dtype=object),
             index_kind=fusion.lnbnn_index,
+            config=stored.config,
         )
         if fusion.uses_lnbnn
         else None
