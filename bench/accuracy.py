@@ -2,6 +2,7 @@
 
     python bench/accuracy.py                                  # ../shared/data/nyala-dev (trains an embedder first)
     python bench/accuracy.py --configs fast,weight_free,classic --embedder ...  # the conf/matching presets only
+    python bench/accuracy.py --synthetic --configs weight_free --backgrounds none,station   # with and without masks
     python bench/accuracy.py --labels path/to/labels.csv      # any labels CSV: path, individual_id, side, ...
     python bench/accuracy.py --synthetic                      # the built-in synthetic leopards
     python bench/accuracy.py --embedder outputs/train/<run>/embedder   # reuse a run trained with split=disjoint
@@ -33,6 +34,9 @@ per configuration: top-1, top-5, mAP, balanced top-1 (the mean over individuals 
 their queries' top-1), ms per query (embedding, feature extraction, LNBNN over the
 gallery, pair matching of the shortlist; measured, then with LNBNN scaled to a
 gallery of 1,000 pictures) and feature bytes per gallery picture (keypoints.npz).
+With --backgrounds, each preset runs once per keypoints.background (none: features
+on the whole box; station: the per-station background model's masks, reid.background),
+and the share of pictures whose features a mask restricted is reported.
 Writes configs.json and configs.md into --out; features are cached there per matcher.
 """
 
@@ -44,6 +48,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import subprocess
@@ -109,6 +114,10 @@ def main() -> None:
         "--configs",
         help="comma-separated presets of conf/matching/ to compare (only them: the protocol above is skipped)",
     )
+    parser.add_argument(
+        "--backgrounds",
+        help="with --configs: run each preset with each of these keypoints.background values (none,station)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     name = "synthetic" if args.synthetic else args.labels.parent.name
@@ -123,7 +132,8 @@ def main() -> None:
     embed_ms = 1000 * (time.perf_counter() - start) / max(1, len(table))
     table, emb = table[embedded.ok].reset_index(drop=True), embedded.embeddings
     if args.configs:
-        compare_configs(args.configs.split(","), table, emb, embed_ms, out, args.seed, args.calibration)
+        backgrounds = args.backgrounds.split(",") if args.backgrounds else None
+        compare_configs(args.configs.split(","), table, emb, embed_ms, out, args.seed, args.calibration, backgrounds)
         return
     config = KeypointConfig(method=args.keypoints)
     start = time.perf_counter()
@@ -231,9 +241,17 @@ def cached_features(table: pd.DataFrame, config: KeypointConfig, out: Path) -> t
 
 
 def compare_configs(
-    names: list[str], table: pd.DataFrame, emb: np.ndarray, embed_ms: float, out: Path, seed: int, calibration: str
+    names: list[str],
+    table: pd.DataFrame,
+    emb: np.ndarray,
+    embed_ms: float,
+    out: Path,
+    seed: int,
+    calibration: str,
+    backgrounds: list[str] | None = None,
 ) -> None:
-    """Run each preset on the closed set (module docstring) and write configs.json and configs.md."""
+    """Run each preset (once per `backgrounds` value, if given) on the closed set (module docstring) and write
+    configs.json and configs.md."""
     ids = table["individual_id"].to_numpy(dtype=object)
     allowed = allowed_pairs(table)
     folds = individual_folds(table, seed)
@@ -256,9 +274,21 @@ def compare_configs(
     members = pd.Series(np.arange(len(table))).groupby(encounters).indices
     own = [np.asarray(members[e]) for e in encounters]
     votes_cache: dict[str, tuple[np.ndarray, float]] = {}
-    for name in names:
+    runs = [(name, background) for name in names for background in (backgrounds or [None])]
+    plain: dict[str, list] = {}
+    for name, background in runs:
         config, fusion = preset(name)
+        if background is not None:
+            config = dataclasses.replace(config, background=background)
         features, extract_ms, n_bytes = cached_features(table, config, out)
+        # Which pictures the station model restricted: their features differ from the preset's without it.
+        if config.background == "none":
+            plain[name] = features
+        masked_share = (
+            float(np.mean([not np.array_equal(a.xy, b.xy) for a, b in zip(features, plain[name], strict=True)]))
+            if name in plain
+            else float("nan")
+        )
         # LNBNN's votes depend on the features alone: computed once per matcher, timed once.
         key = json.dumps([config.to_dict(), fusion.lnbnn_index], sort_keys=True)
         cached_votes = votes_cache.get(key)
@@ -317,7 +347,8 @@ def compare_configs(
         rows.append(
             {
                 "configuration": f"{Path(name).stem}: {config.method} {config.max_features}, {fusion.method}, "
-                f"{fusion.ranker} B={fusion.shortlist}, LNBNN {fusion.lnbnn_index}",
+                f"{fusion.ranker} B={fusion.shortlist}, LNBNN {fusion.lnbnn_index}"
+                + (f", background {config.background}" if backgrounds else ""),
                 **ranking_metrics(scores, ids, allowed),
                 "ms_per_query": ms,
                 "ms_per_query_1000": embed_ms + search_ms + extract_ms + lnbnn_1000 + pair_ms,
@@ -326,6 +357,7 @@ def compare_configs(
                 "ms_extract": extract_ms,
                 "ms_lnbnn": lnbnn_ms,
                 "ms_pairs": pair_ms,
+                **({"masked_share": masked_share} if backgrounds else {}),
             }
         )
         print(pd.DataFrame(rows).to_markdown(index=False, floatfmt=".3f"), flush=True)
