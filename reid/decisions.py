@@ -313,11 +313,17 @@ def calibrate(
     finite_margins = known_margin[np.isfinite(known_margin) & known_correct]
     tried = {0.0, *(np.quantile(finite_margins, [0.0, 0.05, 0.1, 0.2, 0.3]).tolist() if len(finite_margins) else [])}
 
-    grouped = dict(known_individuals=known_individuals, unseen_individuals=unseen_individuals)
     best: tuple[int, float, float] | None = None  # (right IDs, -threshold, margin)
     for margin in sorted(tried):
         threshold = _lowest_safe_threshold(
-            known_top, known_correct, known_margin >= margin, unseen_top, unseen_margin >= margin, **grouped, **targets
+            known_top,
+            known_correct,
+            known_margin >= margin,
+            unseen_top,
+            unseen_margin >= margin,
+            known_individuals=known_individuals,
+            unseen_individuals=unseen_individuals,
+            **targets,
         )
         if threshold is None:
             continue
@@ -347,7 +353,8 @@ def calibrate(
         known_margin=known_margin,
         unseen_margin=unseen_margin,
         notes=tuple(notes),
-        **grouped,
+        known_individuals=known_individuals,
+        unseen_individuals=unseen_individuals,
         **targets,
     )
     return replace(thresholds, notes=(*thresholds.notes, *_support_notes(thresholds, min_decisions)))

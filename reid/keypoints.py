@@ -576,7 +576,7 @@ def scene_matches(displacement: np.ndarray, static: float, camera_shift: float, 
     matcher and LNBNN both drop them (`KeypointConfig.static_background`, `camera_shift`).
     """
     tolerance = static
-    background = np.abs(displacement).max(axis=1) < tolerance
+    background: np.ndarray = np.abs(displacement).max(axis=1) < tolerance
     if camera_shift > 0 and tolerance > 0:
         small = np.flatnonzero(~background & (np.abs(displacement).max(axis=1) <= camera_shift))
         if len(small) > sample:
