@@ -2,6 +2,7 @@
 
     python bench/accuracy.py                                  # ../shared/data/nyala-dev (trains an embedder first)
     python bench/accuracy.py --configs fast,weight_free,classic --embedder ...  # the conf/matching presets only
+    python bench/accuracy.py --configs weight_free,classic --open-set --embedder ...  # their open-set decisions
     python bench/accuracy.py --synthetic --configs weight_free --backgrounds none,station   # with and without masks
     python bench/accuracy.py --labels path/to/labels.csv      # any labels CSV: path, individual_id, side, ...
     python bench/accuracy.py --synthetic                      # the built-in synthetic leopards
@@ -65,7 +66,7 @@ from PIL import Image
 from scipy.stats import beta
 
 from reid.errors import ReidError
-from reid.fusion import DEFAULT_CALIBRATION, FusedScorer, ScoreFusion, fit_calibration, lnbnn_ranker
+from reid.fusion import DEFAULT_CALIBRATION, FusedScorer, ScoreFusion, fit_calibration, fit_fusion, lnbnn_ranker
 from reid.gallery import Gallery, StoredKeypoints
 from reid.importers import load_source
 from reid.index import EmbeddingIndex
@@ -88,6 +89,7 @@ from reid.workflows.match import decision_counts, score_queries, shortlist
 
 ROOT = Path(__file__).resolve().parents[1]
 SHORTLISTS = (10, 25, 50, 100, 200)
+OPEN_SET_TITLE = "Open set (thresholds calibrated on the other half of the individuals; decisions per encounter):"
 
 
 def main() -> None:
@@ -115,6 +117,11 @@ def main() -> None:
         help="comma-separated presets of conf/matching/ to compare (only them: the protocol above is skipped)",
     )
     parser.add_argument(
+        "--open-set",
+        action="store_true",
+        help="with --configs: the open-set protocol (decisions, error rates, count intervals) for those presets",
+    )
+    parser.add_argument(
         "--backgrounds",
         help="with --configs: run each preset with each of these keypoints.background values (none,station)",
     )
@@ -131,6 +138,16 @@ def main() -> None:
     embedded = embed_images(embedder, table, progress=True)
     embed_ms = 1000 * (time.perf_counter() - start) / max(1, len(table))
     table, emb = table[embedded.ok].reset_index(drop=True), embedded.embeddings
+    if args.configs and args.open_set:
+        methods = preset_methods(args.configs.split(","), table, out)
+        folds = individual_folds(table, args.seed)
+        open_set = open_set_rates(table, emb, methods, folds, args.open_set_unseen, args.seed, args.calibration)
+        (out / "open_set.json").write_text(json.dumps(open_set.to_dict("records"), indent=2))
+        (out / "open_set.md").write_text(
+            OPEN_SET_TITLE + "\n" + open_set.to_markdown(index=False, floatfmt=".3f") + "\n"
+        )
+        print((out / "open_set.md").read_text())
+        return
     if args.configs:
         backgrounds = args.backgrounds.split(",") if args.backgrounds else None
         compare_configs(args.configs.split(","), table, emb, embed_ms, out, args.seed, args.calibration, backgrounds)
@@ -181,19 +198,8 @@ def main() -> None:
         rows.append({"method": method, **scored, "queries": int(metrics["queries"]), "ms_per_query": ms})
     closed = pd.DataFrame(rows)
 
-    open_set = open_set_rates(
-        table,
-        emb,
-        features,
-        config,
-        folds,
-        args.open_set_unseen,
-        args.seed,
-        args.rule,
-        args.calibration,
-        args.shortlist,
-        out,
-    )
+    methods = open_set_methods(table, features, config, args.rule, args.shortlist, out)
+    open_set = open_set_rates(table, emb, methods, folds, args.open_set_unseen, args.seed, args.calibration)
     growth = cost_growth(emb.shape[1], embed_ms, extract_ms, pair_ms)
     write_results(
         out, table, closed, open_set, growth, ranks, cosine, inliers, fused, allowed, ids, folds, calibrations
@@ -299,7 +305,9 @@ def compare_configs(
             features,
             config,
             query_sides=sides,
-            lnbnn=lnbnn_ranker(features, sides, index_kind=fusion.lnbnn_index) if fusion.uses_lnbnn else None,
+            lnbnn=lnbnn_ranker(features, sides, index_kind=fusion.lnbnn_index, config=config)
+            if fusion.uses_lnbnn
+            else None,
             lnbnn_exclude=own,
             precomputed_votes=None if cached_votes is None else cached_votes[0],
             progress=True,
@@ -321,14 +329,14 @@ def compare_configs(
         fused = np.full(shortlisted.shape, -np.inf)
         for fold in (0, 1):
             fit = ((folds != fold)[:, None]) & (shortlisted >= 0)
-            fitted = ScoreFusion(fusion.method, fusion.shortlist, fusion.rule, fusion.ranker, fusion.lnbnn_index)
-            for part, raw, log_scale in (
-                ("keypoints", inliers, True),
-                ("lnbnn", votes, True),
-                ("embedding", cosine, False),
-            ):
-                if part in fusion.parts and (part != "embedding" or len(fusion.parts) > 1):
-                    setattr(fitted, part, fit_calibration(raw[fit], same[fit], method=calibration, log_scale=log_scale))  # type: ignore[arg-type, index]
+            fitted = fit_fusion(
+                fusion,
+                cosine[fit],
+                None if inliers is None else inliers[fit],
+                None if votes is None else votes[fit],
+                same[fit],
+                method=calibration,  # type: ignore[arg-type]
+            )
             inside = folds == fold
             fused[inside] = fitted.combine(
                 cosine[inside],
@@ -542,37 +550,52 @@ def cost_growth(dim: int, embed_ms: float, extract_ms: float, pair_ms: float) ->
     return pd.DataFrame(rows)
 
 
-def open_set_rates(
-    table: pd.DataFrame,
-    emb: np.ndarray,
-    features: list,
-    config: KeypointConfig,
-    folds: np.ndarray,
-    unseen: float,
-    seed: int,
-    rule: str,
-    calibration: str,
-    shortlist: int,
-    out: Path,
-) -> pd.DataFrame:
-    """Return per score method and fold: the decisions' measured error rates beside those the calibration promised,
-    and whether the count interval contains the true number of individuals, overall and per country.
-
-    Methods: the embedding, the keypoint matcher and both fused (RootSIFT over the embedding's shortlist of
-    `shortlist`), and the default preset of conf/infer.yaml as `python infer.py` runs it. Decisions are counted per
-    encounter, as the calibration counts them (an encounter of five frames is one decision, not five); the measured
-    wrong-ID share comes with its exact two-sided 95 % interval, to judge whether the stated bound covers it.
-    """
+def open_set_methods(
+    table: pd.DataFrame, features: list, config: KeypointConfig, rule: str, shortlist: int, out: Path
+) -> list[tuple[str, KeypointConfig, list, ScoreFusion]]:
+    """Return the open set's methods: the embedding, the keypoint matcher and both fused (RootSIFT over the
+    embedding's shortlist of `shortlist`), and the default preset of conf/infer.yaml as `python infer.py` runs it."""
     methods: list[tuple[str, KeypointConfig, list, ScoreFusion]] = [
         (method, config, features, ScoreFusion(method, shortlist, rule))  # type: ignore[arg-type]
         for method in ("embedding", "keypoints", "fused")
     ]
-    default = OmegaConf.load(ROOT / "conf" / "infer.yaml").defaults
-    chosen = next((d["matching"] for d in default if isinstance(d, dict) and "matching" in d), None)
+    defaults = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "infer.yaml").defaults)
+    assert isinstance(defaults, list)
+    chosen = next((d["matching"] for d in defaults if isinstance(d, dict) and "matching" in d), None)
     if chosen:
         preset_config, preset_fusion = preset(chosen)
         preset_features = features if preset_config == config else cached_features(table, preset_config, out)[0]
         methods.append((f"default ({chosen})", preset_config, preset_features, preset_fusion))
+    return methods
+
+
+def preset_methods(
+    names: list[str], table: pd.DataFrame, out: Path
+) -> list[tuple[str, KeypointConfig, list, ScoreFusion]]:
+    """Return the named presets of conf/matching/ as open-set methods, with their (cached) features."""
+    methods = []
+    for name in names:
+        config, fusion = preset(name)
+        methods.append((Path(name).stem, config, cached_features(table, config, out)[0], fusion))
+    return methods
+
+
+def open_set_rates(
+    table: pd.DataFrame,
+    emb: np.ndarray,
+    methods: list[tuple[str, KeypointConfig, list, ScoreFusion]],
+    folds: np.ndarray,
+    unseen: float,
+    seed: int,
+    calibration: str,
+) -> pd.DataFrame:
+    """Return per score method and fold: the decisions' measured error rates beside those the calibration promised,
+    and whether the count interval contains the true number of individuals, overall and per country.
+
+    `methods` are (name, keypoint config, every picture's features, scoring). Decisions are counted per
+    encounter, as the calibration counts them (an encounter of five frames is one decision, not five); the measured
+    wrong-ID share comes with its exact two-sided 95 % interval, to judge whether the stated bound covers it.
+    """
     rows = []
     for method, method_config, method_features, fusion in methods:
         for fold in (0, 1):
@@ -691,7 +714,7 @@ def write_results(
         "Closed set, same side, same-encounter pictures left out:",
         closed.to_markdown(index=False, floatfmt=".3f"),
         "",
-        "Open set (thresholds calibrated on the other half of the individuals):",
+        OPEN_SET_TITLE,
         open_set.to_markdown(index=False, floatfmt=".3f"),
         "",
         "Cost per query (ms) as the gallery grows (search measured; keypoints = N x measured per-pair time):",
