@@ -306,50 +306,42 @@ def _candidates(
     encounters = labelled["encounter_id"].fillna("row:" + labelled["annotation_id"]).to_numpy(dtype=object)
     sides = labelled["side"].fillna("unknown").to_numpy(dtype=object)
     depth = fusion.shortlist if fusion.reranks else settings.k
-    own: list[np.ndarray] | None = None
-    if fusion.uses_lnbnn:
-        members = pd.Series(np.arange(len(labelled))).groupby(encounters).indices
-        own = [np.asarray(members[e]) for e in encounters]
-    if fusion.uses_keypoints:
+    individuals = labelled["individual_id"].to_numpy(dtype=object)
+    lnbnn = (
+        lnbnn_ranker(features, sides, index_kind=fusion.lnbnn_index, config=keypoint_config)
+        if fusion.uses_lnbnn and features is not None
+        else None
+    )
+
+    def scorer_leaving_out(groups: np.ndarray) -> FusedScorer:
+        """Return the scorer whose LNBNN leaves out each picture's whole group (its encounter, or its individual)."""
+        if not fusion.uses_keypoints:
+            return FusedScorer(_unfitted(fusion), embeddings, query_sides=sides)
         assert features is not None and keypoint_config is not None
-        scorer = FusedScorer(
+        members = pd.Series(np.arange(len(labelled))).groupby(groups).indices
+        return FusedScorer(
             _unfitted(fusion),
             embeddings,
             features,
             features,
             keypoint_config,
             query_sides=sides,
-            lnbnn=lnbnn_ranker(features, sides, index_kind=fusion.lnbnn_index, config=keypoint_config)
-            if fusion.uses_lnbnn
-            else None,
-            lnbnn_exclude=own,
+            lnbnn=lnbnn,
+            lnbnn_exclude=[np.asarray(members[g]) for g in groups] if lnbnn is not None else None,
             progress=progress,
         )
-    else:
-        scorer = FusedScorer(_unfitted(fusion), embeddings, query_sides=sides)
+
+    scorer = scorer_leaving_out(encounters)
     cosine, rows = shortlist(
         gallery, embeddings, sides, scorer, depth, lambda found: encounters[found] == encounters[:, None]
     )
     inliers, votes = scorer.raw_scores(rows)  # uncalibrated
-    individuals = labelled["individual_id"].to_numpy(dtype=object)
     same = (rows >= 0) & (individuals[np.clip(rows, 0, None)] == individuals[:, None])
     unseen_votes = None
     if votes is not None:
-        assert features is not None and keypoint_config is not None and scorer.lnbnn is not None
-        animals = pd.Series(np.arange(len(labelled))).groupby(individuals).indices
-        as_new = FusedScorer(
-            _unfitted(fusion),
-            embeddings,
-            features,
-            features,
-            keypoint_config,
-            query_sides=sides,
-            lnbnn=scorer.lnbnn,
-            lnbnn_exclude=[np.asarray(animals[i]) for i in individuals],
-            progress=progress,
-        )
-        unseen_votes = np.take_along_axis(as_new.lnbnn_votes(), np.clip(rows, 0, None), axis=1).astype(np.float64)
-        unseen_votes = np.where(rows >= 0, unseen_votes, -np.inf)
+        as_new = scorer_leaving_out(individuals).lnbnn_votes()
+        found = np.take_along_axis(as_new, np.clip(rows, 0, None), axis=1).astype(np.float64)
+        unseen_votes = np.where(rows >= 0, found, -np.inf)
     return _Candidates(rows, cosine, inliers, votes, same, unseen_votes)
 
 
