@@ -343,12 +343,15 @@ def _camera_frame(path: Path, coat: np.ndarray, at: tuple[int, int], camera: tup
     Image.fromarray(frame).save(path)
 
 
-def test_a_fixed_cameras_background_does_not_match_but_the_animal_does(tmp_path: Path) -> None:
-    # Boxes generous enough to hold as much background as coat, as loose animal boxes do.
+def _two_animals_at_one_camera(tmp_path: Path, camera: tuple[int, int] = (0, 0)) -> list[Features]:
+    """Return the features of animal A, then animal B and A again on a later visit (the camera moved by `camera`).
+
+    Boxes generous enough to hold as much background as coat, as loose animal boxes do.
+    """
     coat_a, coat_b = _coat(1, 200, 100), _coat(2, 200, 100)
     _camera_frame(tmp_path / "a.png", coat_a, (40, 60))
-    _camera_frame(tmp_path / "b.png", coat_b, (200, 150))  # another animal, elsewhere in the frame
-    _camera_frame(tmp_path / "a_again.png", coat_a, (220, 170))  # the first animal again, moved
+    _camera_frame(tmp_path / "b.png", coat_b, (200, 150), camera=camera)  # another animal, elsewhere in the frame
+    _camera_frame(tmp_path / "a_again.png", coat_a, (220, 170), camera=camera)  # the first animal again, moved
     rows = pd.DataFrame(
         {
             "image_path": [str(tmp_path / n) for n in ("a.png", "b.png", "a_again.png")],
@@ -358,9 +361,14 @@ def test_a_fixed_cameras_background_does_not_match_but_the_animal_does(tmp_path:
             "bbox_h": [260.0, 240.0, 220.0],
         }
     )
-    keeping = KeypointConfig(static_background=0.0)
     features, problems = extract_rows(rows, KeypointConfig(), progress=False)
     assert problems == [] and all(f.frame_xy is not None for f in features)
+    return features
+
+
+def test_a_fixed_cameras_background_does_not_match_but_the_animal_does(tmp_path: Path) -> None:
+    keeping = KeypointConfig(static_background=0.0)
+    features = _two_animals_at_one_camera(tmp_path)
     # Without the check, the shared background makes two different animals a strong match.
     assert match(features[0], features[1], keeping).n_inliers > 20
     assert match(features[0], features[1], KeypointConfig()).n_inliers < 8
@@ -377,20 +385,7 @@ def test_a_fixed_cameras_background_does_not_match_but_the_animal_does(tmp_path:
 def test_a_camera_moved_between_visits_still_does_not_match_its_background(tmp_path: Path) -> None:
     # The second visit's frames see the scene 14 px right and 9 px down (3 % of the frame): beyond the
     # same-place tolerance, so only the moved-together rule tells the scene from the animals.
-    coat_a, coat_b = _coat(1, 200, 100), _coat(2, 200, 100)
-    _camera_frame(tmp_path / "a.png", coat_a, (40, 60))
-    _camera_frame(tmp_path / "b.png", coat_b, (200, 150), camera=(14, 9))
-    _camera_frame(tmp_path / "a_again.png", coat_a, (220, 170), camera=(14, 9))
-    rows = pd.DataFrame(
-        {
-            "image_path": [str(tmp_path / n) for n in ("a.png", "b.png", "a_again.png")],
-            "bbox_x": [0.0, 120.0, 140.0],
-            "bbox_y": [0.0, 80.0, 100.0],
-            "bbox_w": [340.0, 360.0, 340.0],
-            "bbox_h": [260.0, 240.0, 220.0],
-        }
-    )
-    features, _ = extract_rows(rows, KeypointConfig(), progress=False)
+    features = _two_animals_at_one_camera(tmp_path, camera=(14, 9))
     same_place_only = KeypointConfig(camera_shift=0.0)
     assert match(features[0], features[1], same_place_only).n_inliers > 20  # the moved scene matches itself
     assert match(features[0], features[1], KeypointConfig()).n_inliers < 8
