@@ -225,6 +225,10 @@ class Thresholds:
             values["known"], values["new"] = float(values["known"]), float(values["new"])
             if values.get("group") is not None:
                 values["group"] = float(values["group"])
+            effects = values.get("design_effects", {})
+            if not isinstance(effects, dict):
+                raise ValueError(f"design_effects is {type(effects).__name__}, not a mapping")
+            values["design_effects"] = {str(name): float(effect) for name, effect in effects.items()}
             return cls(**values)
         except (ValueError, TypeError, KeyError) as err:
             raise ReidError(f"not a thresholds file ({err}); run calibration again") from err

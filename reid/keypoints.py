@@ -575,12 +575,11 @@ def scene_matches(displacement: np.ndarray, static: float, camera_shift: float, 
     `static`) by at most `camera_shift`, if it holds more than `sample` matches (a RANSAC sample). The pair
     matcher and LNBNN both drop them (`KeypointConfig.static_background`, `camera_shift`).
     """
-    tolerance = static
-    background: np.ndarray = np.abs(displacement).max(axis=1) < tolerance
-    if camera_shift > 0 and tolerance > 0:
+    background: np.ndarray = np.abs(displacement).max(axis=1) < static
+    if camera_shift > 0 and static > 0:
         small = np.flatnonzero(~background & (np.abs(displacement).max(axis=1) <= camera_shift))
         if len(small) > sample:
-            near = np.abs(displacement[small, None, :] - displacement[None, small, :]).max(axis=2) < tolerance
+            near = np.abs(displacement[small, None, :] - displacement[None, small, :]).max(axis=2) < static
             support = near.sum(axis=1)
             if support.max() > sample:
                 background[small[near[int(np.argmax(support))]]] = True

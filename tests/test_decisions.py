@@ -205,6 +205,8 @@ def test_thresholds_round_trip_through_json() -> None:
     assert Thresholds.from_json(t.to_json()) == t
     with pytest.raises(ReidError, match="run calibration again"):
         Thresholds.from_json("{")
+    with pytest.raises(ReidError, match="design_effects is list"):
+        Thresholds.from_json('{"known": 0.8, "new": 0.5, "design_effects": [2.0]}')
     with pytest.raises(ReidError, match="calibrate` again"):
         Thresholds.from_json('{"known": 0.8, "new": 0.5, "false_merge_rate": 0.02}')
 

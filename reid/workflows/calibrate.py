@@ -241,6 +241,8 @@ def _grouping_threshold(
     encounters; the pair's score is its best picture pair) are joined from the top
     down; the threshold is the lowest at which the joined pairs of different animals
     stay within `max_wrong_id` (median-unbiased, as the known threshold is judged).
+    New encounters are grouped on the mean of their pictures' best matches, never above
+    the best picture pair, so a threshold chosen on best pairs groups no more readily.
     Lower than the known threshold as a rule: two new encounters are compared with
     each other, not with the best of a whole gallery, so the known threshold would
     split one new animal into several. inf (nothing grouped) when no threshold holds.
