@@ -296,10 +296,10 @@ def compare_configs(
             else float("nan")
         )
         # LNBNN's votes depend on the features alone: computed once per matcher, timed once.
-        key = json.dumps([config.to_dict(), fusion.lnbnn_index], sort_keys=True)
+        key = json.dumps([config.to_dict(), fusion.lnbnn_index, fusion.lnbnn_vote], sort_keys=True)
         cached_votes = votes_cache.get(key)
         scorer = FusedScorer(
-            ScoreFusion(fusion.method, fusion.shortlist, fusion.rule, fusion.ranker, fusion.lnbnn_index),
+            fusion.uncalibrated(),
             emb,
             features,
             features,

@@ -44,6 +44,7 @@ Ranker = Literal["embedding", "lnbnn", "union"]
 RANKERS: tuple[str, ...] = get_args(Ranker)
 SCORES: tuple[str, ...] = ("embedding", "keypoints", "lnbnn")
 FusionRule = Literal["mean", "log_odds", "stacked"]
+LnbnnVote = Literal["relative", "raw"]
 CalibrationMethod = Literal["logistic", "isotonic", "auto"]
 DEFAULT_CALIBRATION: CalibrationMethod = "auto"
 MIN_ISOTONIC_PAIRS = 200
@@ -166,6 +167,12 @@ class ScoreFusion:
     lnbnn_index: IndexKind = "flat"
     """How LNBNN searches the gallery's descriptors: flat (exact; about 1 s per query against 300 pictures of
     512 features on 2 cores) or ivf / hnsw (approximate, several times faster, built once per run)."""
+    lnbnn_vote: LnbnnVote = "relative"
+    """What LNBNN's score is: a picture's vote over the mean vote of the pictures searched (relative), or the raw
+    vote (leopard-reid 0.3, and fusions stored without this field). A raw vote grows as the gallery shrinks (each
+    query feature's K votes fall on fewer pictures: a gallery 40 % the size gave impostors half as much again), so
+    a calibration fitted on one catalogue over-trusted impostors in a smaller one; relative to the mean, chance
+    votes stay where they were, and a true match's score falls with the gallery's size, the safe way."""
     embedding: Calibration | None = None
     keypoints: Calibration | None = None
     lnbnn: Calibration | None = None
@@ -192,6 +199,12 @@ class ScoreFusion:
             raise ReidError(f"shortlist must be at least 1, got {self.shortlist}")
         if self.lnbnn_index not in get_args(IndexKind):
             raise ReidError(f"scoring.lnbnn_index={self.lnbnn_index!r} is not one of {', '.join(get_args(IndexKind))}")
+        if self.lnbnn_vote not in get_args(LnbnnVote):
+            raise ReidError(f"scoring.lnbnn_vote={self.lnbnn_vote!r} is not one of {', '.join(get_args(LnbnnVote))}")
+
+    def uncalibrated(self) -> ScoreFusion:
+        """Return these settings without the calibrations (and stacked weights) fitted to them."""
+        return dataclasses.replace(self, embedding=None, keypoints=None, lnbnn=None, weights=(), bias=0.0)
 
     @property
     def parts(self) -> tuple[str, ...]:
@@ -310,6 +323,8 @@ class ScoreFusion:
                 rule=data.get("rule", "log_odds"),
                 ranker=data.get("ranker", "embedding"),
                 lnbnn_index=data.get("lnbnn_index", "flat"),
+                # Calibrated before votes were relative: keep the votes its LNBNN calibration was fitted on.
+                lnbnn_vote=data.get("lnbnn_vote", "raw"),
                 weights=tuple(data.get("weights", ())),
                 bias=float(data.get("bias", 0.0)),
                 **calibrations,
@@ -333,7 +348,7 @@ def fit_fusion(
     (None where the part takes no part), and whether each is the same individual.
     The embedding keeps its cosine when it is the only part.
     """
-    fitted = ScoreFusion(fusion.method, fusion.shortlist, fusion.rule, fusion.ranker, fusion.lnbnn_index)
+    fitted = fusion.uncalibrated()
     parts = fitted.parts
     if parts == ("embedding",):
         return fitted
@@ -428,6 +443,7 @@ class FusedScorer:
                     exclude=exclude,
                     lookahead=_LNBNN_LOOKAHEAD if len(exclude) else None,
                     frame_xy=features.frame_xy,
+                    relative=self.fusion.lnbnn_vote == "relative",
                 )
             self._votes = votes
         return self._votes

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from scipy.special import logit
@@ -69,6 +71,26 @@ def test_fusion_saved_and_loaded_gives_identical_scores() -> None:
         ScoreFusion.from_json('{"method": "fused"}')
     with pytest.raises(ReidError, match="not one of"):
         ScoreFusion("magic")  # type: ignore[arg-type]
+
+
+def test_a_fusion_stored_before_relative_lnbnn_votes_keeps_the_raw_votes_it_was_calibrated_on() -> None:
+    fresh = ScoreFusion("embedding+lnbnn", shortlist=10, ranker="union")
+    assert fresh.lnbnn_vote == "relative"
+    assert ScoreFusion.from_json(fresh.to_json()).lnbnn_vote == "relative"
+    stored = json.loads(fresh.to_json())
+    del stored["lnbnn_vote"]  # as leopard-reid 0.3 wrote it
+    assert ScoreFusion.from_json(json.dumps(stored)).lnbnn_vote == "raw"
+    with pytest.raises(ReidError, match=r"scoring\.lnbnn_vote='scaled' is not one of relative, raw"):
+        ScoreFusion("lnbnn", lnbnn_vote="scaled")  # type: ignore[arg-type]
+
+
+def test_uncalibrated_keeps_every_setting_and_drops_what_was_fitted() -> None:
+    rng = np.random.default_rng(4)
+    cosine, same = _pairs(rng)
+    settings = ScoreFusion("embedding+lnbnn", 30, "stacked", "union", "ivf", "raw")
+    fitted = fit_fusion(settings, cosine, None, cosine * 10, same)
+    assert fitted.calibrated and fitted.lnbnn_vote == "raw"
+    assert fitted.uncalibrated() == settings
 
 
 def test_fused_score_is_the_mean_of_the_calibrated_probabilities() -> None:

@@ -80,6 +80,20 @@ def test_picture_scores_vote_per_picture() -> None:
     np.testing.assert_allclose(got, [expected.get(str(i), 0.0) for i in range(6)], atol=1e-4)
 
 
+def test_relative_scores_are_votes_over_the_mean_vote_of_the_pictures_searched() -> None:
+    rng = np.random.default_rng(5)
+    gallery = [_features(rng, 15, 8) for _ in range(8)]
+    ranker = LnbnnRanker(gallery, [str(i) for i in range(8)], ["left"] * 5 + ["right"] * 3, k=3)
+    query = _features(rng, 25, 8)
+    raw = ranker.picture_scores(query, "left", exclude=[1])
+    # Searched: the left pictures but the excluded one; the right ones are not compared with a left query.
+    mean = raw[[0, 2, 3, 4]].mean()
+    assert mean > 0 and raw[[1, 5, 6, 7]].tolist() == [0.0] * 4
+    np.testing.assert_allclose(ranker.picture_scores(query, "left", exclude=[1], relative=True), raw / mean)
+    # Nothing voted (an empty query): zeros, not a division by zero.
+    assert ranker.picture_scores(LocalFeatures.empty(8), "left", relative=True).tolist() == [0.0] * 8
+
+
 def test_sides_are_searched_apart() -> None:
     rng = np.random.default_rng(3)
     left = [_features(rng, 20, 8) for _ in range(4)]

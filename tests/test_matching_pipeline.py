@@ -278,7 +278,9 @@ def test_calibration_votes_as_a_new_animal_without_its_individual_in_the_index(f
         # Brute force: an index of every picture but those of the query's individual.
         others = np.flatnonzero(rows["individual_id"] != rows["individual_id"][q])
         ranker = lnbnn_ranker([features[i] for i in others], sides[others], config=config)
-        votes = ranker.picture_scores(local_features(features[q]), sides[q], frame_xy=features[q].frame_xy)
+        votes = ranker.picture_scores(
+            local_features(features[q]), sides[q], frame_xy=features[q].frame_xy, relative=True
+        )
         position = {int(row): k for k, row in enumerate(others)}
         for slot, row in enumerate(found.rows[q]):
             if row >= 0 and int(row) in position:
@@ -287,6 +289,27 @@ def test_calibration_votes_as_a_new_animal_without_its_individual_in_the_index(f
     impostor = (found.rows >= 0) & ~found.same
     assert (found.lnbnn_unseen[impostor] >= found.lnbnn[impostor] - 1e-9).all()
     assert (found.lnbnn_unseen[impostor] > found.lnbnn[impostor] + 1e-9).any()
+
+
+def test_lnbnn_is_calibrated_on_the_votes_impostors_get_from_a_new_animal() -> None:
+    from reid.workflows.calibrate import CalibrationSettings, _Candidates, _fitted
+
+    # Hand-made candidates: each picture's own individual (votes 2..8) and one impostor, who gets votes
+    # of 0..1 while the picture's individual is enrolled and of 1..4 when it is not.
+    rng = np.random.default_rng(0)
+    n = 400
+    same = np.tile([True, False], (n, 1))
+    enrolled = np.column_stack([rng.uniform(2, 8, n), rng.uniform(0, 1, n)])
+    as_new = np.column_stack([enrolled[:, 0], rng.uniform(1, 4, n)])
+    candidates = _Candidates(
+        rows=np.tile([0, 1], (n, 1)), cosine=rng.uniform(0, 1, (n, 2)), inliers=None, lnbnn=enrolled,
+        same=same, lnbnn_unseen=as_new,
+    )  # fmt: skip
+    fitted = _fitted(ScoreFusion("lnbnn"), candidates, np.ones(n, dtype=bool), CalibrationSettings())
+    assert fitted.lnbnn is not None
+    # A vote of 3 is reached by a new animal's impostors (density 1/3) more often than by the same animal (1/6).
+    assert fitted.lnbnn(np.array([3.0]))[0] < 0.5
+    assert fitted.lnbnn(np.array([6.0]))[0] > 0.9
 
 
 @pytest.mark.parametrize("preset", sorted(p.stem for p in (CONF / "matching").glob("*.yaml")))

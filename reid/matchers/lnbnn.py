@@ -181,10 +181,29 @@ class LnbnnRanker:
         exclude: Sequence[int] | np.ndarray = (),
         lookahead: int | None = None,
         frame_xy: np.ndarray | None = None,
+        relative: bool = False,
     ) -> np.ndarray:
-        """Return (G,) float64 LNBNN scores, one per gallery picture: each picture votes as if it were an individual."""
+        """Return (G,) float64 LNBNN scores, one per gallery picture: each picture votes as if it were an individual.
+
+        `relative` divides them by the mean score of the pictures searched (not excluded,
+        of the sides compared): chance votes then no longer grow as the gallery shrinks
+        (the query's K votes per feature fall on fewer pictures), while a picture that
+        truly matches stands out the more, the more pictures it beats.
+        """
         pictures = np.arange(len(self), dtype=np.int64)
-        return self._scores(query, side, exclude, lookahead, pictures, len(self), frame_xy)
+        scores = self._scores(query, side, exclude, lookahead, pictures, len(self), frame_xy)
+        if relative:
+            searched = np.isin(self.sides, self._compared_sides(side))
+            searched[np.asarray(exclude, dtype=np.int64)] = False
+            mean = float(scores[searched].mean()) if searched.any() else 0.0
+            scores = scores / mean if mean > 0 else scores
+        return scores
+
+    def _compared_sides(self, side: str) -> list[str]:
+        """Return the indexed sides a query of `side` is compared with (its own and unknown; unknown: every side)."""
+        if side in (UNKNOWN_SIDE, "", None):
+            return list(self._groups)
+        return [g for g in (side, UNKNOWN_SIDE) if g in self._groups]
 
     def _scores(
         self,
@@ -202,10 +221,7 @@ class LnbnnRanker:
             )
         excluded = np.zeros(len(self), bool)
         excluded[np.asarray(exclude, dtype=np.int64)] = True
-        if side in (UNKNOWN_SIDE, "", None):
-            groups = list(self._groups)
-        else:
-            groups = [g for g in (side, UNKNOWN_SIDE) if g in self._groups]
+        groups = self._compared_sides(side)
         best = np.zeros(n_labels, np.float64)
         if not len(query):
             return best

@@ -86,7 +86,7 @@ def calibrate_thresholds(
     them, each matcher's score is calibrated first (module docstring).
     """
     settings = settings or CalibrationSettings()
-    fusion = ScoreFusion() if fusion is None else _unfitted(fusion)
+    fusion = ScoreFusion() if fusion is None else fusion.uncalibrated()
     keep = labelled["individual_id"].notna().to_numpy()
     labelled, embeddings = labelled[keep].reset_index(drop=True), embeddings[keep]
     if features is not None:
@@ -318,11 +318,11 @@ def _candidates(
     def scorer_leaving_out(groups: np.ndarray) -> FusedScorer:
         """Return the scorer whose LNBNN leaves out each picture's whole group (its encounter, or its individual)."""
         if not fusion.uses_keypoints:
-            return FusedScorer(_unfitted(fusion), embeddings, query_sides=sides)
+            return FusedScorer(fusion.uncalibrated(), embeddings, query_sides=sides)
         assert features is not None and keypoint_config is not None
         members = pd.Series(np.arange(len(labelled))).groupby(groups).indices
         return FusedScorer(
-            _unfitted(fusion),
+            fusion.uncalibrated(),
             embeddings,
             features,
             features,
@@ -347,21 +347,25 @@ def _candidates(
     return _Candidates(rows, cosine, inliers, votes, same, unseen_votes)
 
 
-def _unfitted(fusion: ScoreFusion) -> ScoreFusion:
-    """Return the fusion's settings without its calibrations."""
-    return ScoreFusion(fusion.method, fusion.shortlist, fusion.rule, fusion.ranker, fusion.lnbnn_index)
-
-
 def _fitted(
     fusion: ScoreFusion, candidates: _Candidates, queries: np.ndarray, settings: CalibrationSettings
 ) -> ScoreFusion:
-    """Return `fusion` with its matchers' calibrations fitted on the shortlisted pairs of the `queries` rows."""
+    """Return `fusion` with its matchers' calibrations fitted on the shortlisted pairs of the `queries` rows.
+
+    An impostor's LNBNN vote is the one it gets when the query's individual is not
+    enrolled (`_Candidates.lnbnn_unseen`): its own pictures, when in, take the nearest
+    neighbours and leave impostors less than a new animal's impostors collect, so a
+    vote calibrated on them alone makes merges of new animals look certain.
+    """
     valid = (candidates.rows >= 0) & queries[:, None]
+    votes = candidates.lnbnn
+    if votes is not None and candidates.lnbnn_unseen is not None:
+        votes = np.where(candidates.same, votes, candidates.lnbnn_unseen)
     return fit_fusion(
         fusion,
         candidates.cosine[valid],
         None if candidates.inliers is None else candidates.inliers[valid],
-        None if candidates.lnbnn is None else candidates.lnbnn[valid],
+        None if votes is None else votes[valid],
         candidates.same[valid],
         method=settings.method,
     )
