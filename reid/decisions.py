@@ -281,6 +281,7 @@ def calibrate(
     max_false_merge: float = 0.05,
     max_false_new: float = 0.05,
     min_decisions: int = 20,
+    lowest_known: float = -np.inf,
 ) -> Thresholds:
     """Return thresholds chosen on labelled held-out decisions, with what they gave there.
 
@@ -302,6 +303,12 @@ def calibrate(
     independent where they err together (`design_effect`): the bounds widen, and
     the threshold is chosen again with the wrong-ID and merge shares judged on
     that many fewer decisions.
+
+    `known` is never below `lowest_known`: where scores are calibrated probabilities of
+    being the same animal, 1 - `max_wrong_id`, so that no single ID is given whose own
+    probability of being wrong is above the target, however many sure ones keep the
+    average within it (the IDs just above an average-controlling threshold are the
+    likeliest to be wrong).
     """
     known_top = np.nan_to_num(np.asarray(known_top, dtype=float), nan=-np.inf)
     known_correct = np.asarray(known_correct, dtype=bool)
@@ -331,6 +338,7 @@ def calibrate(
         )
         if threshold is None:
             continue
+        threshold = max(threshold, lowest_known)
         right = int(((known_top >= threshold) & (known_margin >= margin) & known_correct).sum())
         if right and (best is None or (right, -threshold) > best[:2]):
             best = (right, -threshold, margin)

@@ -76,6 +76,19 @@ def test_a_threshold_that_only_looks_safe_on_a_few_decisions_is_not_chosen() -> 
     assert many.decides_known and many.known == pytest.approx(0.7) and many.wrong_ids == 0
 
 
+def test_no_id_is_given_whose_own_probability_of_being_wrong_is_above_the_target() -> None:
+    # 60 sure right IDs at 0.999 let 3 of 63 wrong at 0.9 through on average (4.8 % < 5 %), but an ID scored
+    # 0.9 is itself wrong one time in ten: with calibrated scores, the threshold is at least 1 - 0.05.
+    known_top = np.array([*np.full(60, 0.999), 0.9, 0.9, 0.9, 0.9, 0.9, 0.9])
+    known_correct = np.array([True] * 60 + [False, True, True, False, True, False])
+    unseen_top = np.full(60, 0.3)
+    average = calibrate(known_top, known_correct, unseen_top, max_wrong_id=0.1, max_false_merge=0.1)
+    assert average.known <= 0.9 and (average.wrong_ids, average.known_decisions) == (3, 66)
+    floored = calibrate(known_top, known_correct, unseen_top, max_wrong_id=0.1, max_false_merge=0.1, lowest_known=0.95)
+    assert floored.known == pytest.approx(0.95) and (floored.wrong_ids, floored.known_decisions) == (0, 60)
+    assert floored.decide(np.array([0.93, 0.96])).tolist()[1] == "known"
+
+
 def test_a_margin_over_the_runner_up_is_used_where_it_lets_more_right_ids_through() -> None:
     # Two confident wrong IDs score high but barely lead their runner-up; the right ones lead clearly.
     known_top = np.repeat([0.95, 0.9, 0.88, 0.85, 0.8], 10)

@@ -245,7 +245,7 @@ def test_calibration_fits_every_score_of_an_lnbnn_fusion(flank_catalogue: pd.Dat
     rng = np.random.default_rng(0)
     embeddings = rng.normal(size=(len(rows), 8)).astype(np.float32)
     embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
-    _, per_encounter, fitted = calibrate_thresholds(
+    thresholds, per_encounter, fitted = calibrate_thresholds(
         rows,
         embeddings,
         features=features,
@@ -253,6 +253,8 @@ def test_calibration_fits_every_score_of_an_lnbnn_fusion(flank_catalogue: pd.Dat
         fusion=ScoreFusion("embedding+keypoints+lnbnn", shortlist=6, ranker="union"),
     )
     assert fitted.embedding is not None and fitted.keypoints is not None and fitted.lnbnn is not None
+    # Calibrated probabilities: no ID whose own probability of being wrong is above max_wrong_id (5 %).
+    assert thresholds.known >= 0.95
     assert fitted.calibrated and fitted.ranker == "union"
     known = per_encounter[per_encounter["role"] == "known"]
     # Random embeddings, but the coats are easy: LNBNN and RANSAC find most animals.

@@ -114,6 +114,8 @@ def calibrate_thresholds(
         max_wrong_id=settings.max_wrong_id,
         max_false_merge=settings.max_false_merge,
         max_false_new=settings.max_false_new,
+        # Calibrated scores are probabilities: no ID below 1 - max_wrong_id on its own (cosine is no probability).
+        lowest_known=1.0 - settings.max_wrong_id if fusion.parts != ("embedding",) else -np.inf,
     )
     thresholds = replace(thresholds, group=_grouping_threshold(labelled, candidates, similarity, settings))
     for note in thresholds.notes:
