@@ -172,7 +172,8 @@ class ScoreFusion:
     vote (leopard-reid 0.3, and fusions stored without this field). A raw vote grows as the gallery shrinks (each
     query feature's K votes fall on fewer pictures: a gallery 40 % the size gave impostors half as much again), so
     a calibration fitted on one catalogue over-trusted impostors in a smaller one; relative to the mean, chance
-    votes stay where they were, and a true match's score falls with the gallery's size, the safe way."""
+    votes stay where they were, and a true match's score falls as the gallery shrinks (fewer IDs, more encounters
+    called new, never more merges)."""
     embedding: Calibration | None = None
     keypoints: Calibration | None = None
     lnbnn: Calibration | None = None
