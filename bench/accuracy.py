@@ -36,7 +36,8 @@ their queries' top-1), ms per query (embedding, feature extraction, LNBNN over t
 gallery, pair matching of the shortlist; measured, then with LNBNN scaled to a
 gallery of 1,000 pictures) and feature bytes per gallery picture (keypoints.npz).
 With --backgrounds, each preset runs once per keypoints.background (none: features
-on the whole box; station: the per-station background model's masks, reid.background),
+on the whole box; station: the per-station background model's masks; grabcut: the box split by colour,
+reid.background),
 and the share of pictures whose features a mask restricted is reported.
 Writes configs.json and configs.md into --out; features are cached there per matcher.
 """
@@ -123,7 +124,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--backgrounds",
-        help="with --configs: run each preset with each of these keypoints.background values (none,station)",
+        help="with --configs: run each preset with each of these keypoints.background values (none,station,grabcut)",
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -232,7 +233,9 @@ def preset(name: str) -> tuple[KeypointConfig, ScoreFusion]:
 
 def cached_features(table: pd.DataFrame, config: KeypointConfig, out: Path) -> tuple[list, float, int]:
     """Return every picture's features, the ms per picture their extraction took, and keypoints.npz's bytes."""
-    key = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
+    # The pictures and their masks are part of the key: another --labels must not reuse these features.
+    pictures = table.reindex(columns=["image_path", "mask"]).astype(str).to_numpy().tolist()
+    key = hashlib.sha256(json.dumps([config.to_dict(), pictures], sort_keys=True).encode()).hexdigest()[:10]
     path, timing = out / f"features-{config.method}-{key}.npz", out / f"features-{config.method}-{key}.json"
     if path.is_file() and timing.is_file() and json.loads(timing.read_text())["pictures"] == len(table):
         data = path.read_bytes()
@@ -431,9 +434,18 @@ def prepare(args: argparse.Namespace, out: Path) -> tuple[pd.DataFrame, Path]:
     config = OmegaConf.load(embedder_dir.parent / "config.yaml")
     if config.split.method != "disjoint":
         sys.exit(f"{embedder_dir}: trained with split={config.split.method}; the benchmark needs split=disjoint")
-    table = load_source(instantiate(config.data.source))[0]
-    held = split_catalogue(table, "disjoint", test_fraction=config.split.test_fraction, seed=config.split.seed)
-    return table[(held == "test").to_numpy()].reset_index(drop=True), embedder_dir
+    trained_on = load_source(instantiate(config.data.source))[0]
+    held = split_catalogue(trained_on, "disjoint", test_fraction=config.split.test_fraction, seed=config.split.seed)
+    seen = set(trained_on.loc[(held == "train").to_numpy(), "individual_id"].astype(str))
+    # The pictures evaluated are --labels' (or the synthetic set's), so columns the training source lacks (a
+    # mask) count; only individuals the embedder never saw are kept.
+    table = load_table(args)
+    unseen = ~table["individual_id"].astype(str).isin(seen).to_numpy()
+    if not unseen.any():
+        sys.exit(
+            f"{embedder_dir}: trained on every individual of the pictures given; train with split=disjoint on them"
+        )
+    return table[unseen].reset_index(drop=True), embedder_dir
 
 
 def load_table(args: argparse.Namespace) -> pd.DataFrame:

@@ -5,7 +5,7 @@ animal. Where a row's foreground is known, its features are taken on the animal
 alone (`reid.keypoints.extract_rows` and `reid.matchers.extract_rows` drop the
 others); everywhere else they cover the whole crop, as without this module.
 
-Two sources, the user's first:
+Three sources, the user's first:
 
 - **User masks**, the catalogue's `mask` column: a mask image (non-zero = animal,
   transparent = background; the size of the image, or the same shape scaled), COCO
@@ -28,6 +28,15 @@ Two sources, the user's first:
   or a mask that is implausible (under 0.5 % or over 60 % of the frame, or under 40 %
   of the animal's box), the row has no mask: a missed mask costs some background
   features, a wrong one would lose the animal.
+- **GrabCut** (`background="grabcut"`), for pictures with no scene to compare: hand-held
+  photographs, or a camera's first visits. The flank box is the animal's bound; a colour
+  model of what lies inside it against one of what lies around it (OpenCV's GrabCut:
+  Gaussian mixtures and a graph cut, Rother et al. 2004) splits the box into animal and
+  scene. Where the box is the whole picture (no box), a thin band along the picture's
+  edges is taken as the scene: the photographer framed the animal. Holes are filled (a
+  coat's pale stripes or rosettes can look like the ground) and specks dropped. A mask
+  that covers under 15 % or over 95 % of the box found nothing to split, and the row has
+  no mask.
 """
 
 from __future__ import annotations
@@ -46,6 +55,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from reid.catalogue import BBOX_COLUMNS
 from reid.errors import ReidError
 from reid.images import ImageReadError, crop_box, image_size, read_image
 
@@ -58,6 +68,7 @@ __all__ = [
     "crop_mask",
     "decode_rle",
     "foreground_masks",
+    "grabcut_masks",
     "is_infrared",
     "mask_value_problem",
     "read_user_mask",
@@ -66,7 +77,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-Background = Literal["none", "station"]
+Background = Literal["none", "station", "grabcut"]
 BACKGROUNDS: tuple[str, ...] = get_args(Background)
 
 _WORK_SIDE_PX = 256  # frames are modelled at this long side: the mask is dilated far more than a pixel of it
@@ -80,6 +91,11 @@ _MIN_DIFFERENCE = 24.0  # ... and by more than this (of 255, summed over channel
 _MIN_FRAME_COVER, _MAX_FRAME_COVER = 0.005, 0.6
 _MIN_BOX_COVER = 0.4  # a station mask covering less of the animal's box has missed it: no mask
 _CLOSE_RADIUS, _DILATE_RADIUS, _MIN_SPECK = 0.03, 0.02, 0.005  # of the long side, the long side, the frame
+_GRABCUT_SIDE_PX = 192  # the box and its surroundings are split at this long side
+_GRABCUT_AROUND = 0.25  # of the box's size on each side: the surroundings the scene's colours are learnt from
+_GRABCUT_BAND = 0.03  # of the picture's size: the scene along its edges, where the box reaches them
+_GRABCUT_ITERATIONS = 4
+_MIN_GRABCUT_COVER, _MAX_GRABCUT_COVER = 0.15, 0.95  # of the box: outside these, GrabCut found nothing to split
 
 
 class MaskError(ReidError):
@@ -92,8 +108,8 @@ class FrameMask:
 
     pixels: np.ndarray
     """(h, w) bool over the whole frame, at any scale of it (same shape as the frame, or scaled)."""
-    origin: Literal["user", "station"]
-    """Who said so: the catalogue's mask column, or the station's background model."""
+    origin: Literal["user", "station", "grabcut"]
+    """Who said so: the catalogue's mask column, the station's background model, or GrabCut inside the box."""
 
 
 def foreground_masks(
@@ -118,9 +134,10 @@ def foreground_masks(
                 refused.append((i, str(err)))
             except (ImageReadError, OSError):
                 pass  # the image itself is unreadable: reported once, when its crop is read
-    if background == "station":
+    if background in ("station", "grabcut"):
         wanted = np.array([m is None for m in masks], dtype=bool)
-        for i, mask in enumerate(station_masks(rows, wanted, progress=progress)):
+        model = station_masks if background == "station" else grabcut_masks
+        for i, mask in enumerate(model(rows, wanted, progress=progress)):
             if mask is not None:
                 masks[i] = mask
     elif background not in BACKGROUNDS:
@@ -254,7 +271,96 @@ def station_masks(
     return masks
 
 
+def grabcut_masks(
+    rows: pd.DataFrame, wanted: np.ndarray | None = None, *, progress: bool = False
+) -> list[FrameMask | None]:
+    """Return each wanted row's animal inside its flank box by GrabCut (module docstring), or None.
+
+    Rows need `image_path`; the box columns (pixels of the EXIF-oriented image) are
+    used where present, else the whole picture is the box. Unreadable images are left
+    to the caller, which reports them when it reads the crop.
+    """
+    n = len(rows)
+    wanted = np.ones(n, dtype=bool) if wanted is None else np.asarray(wanted, dtype=bool)
+    masks: list[FrameMask | None] = [None] * n
+    paths = rows["image_path"].astype(str).tolist()
+    if all(column in rows.columns for column in BBOX_COLUMNS):
+        boxes: list[Sequence[float] | None] = list(rows[list(BBOX_COLUMNS)].to_numpy(dtype=float))
+    else:
+        boxes = [None] * n
+    for i in tqdm(np.flatnonzero(wanted), desc="grabcut", unit="img", disable=not progress):
+        with contextlib.suppress(ImageReadError, OSError):
+            masks[i] = _grabcut(paths[i], boxes[i])
+    log.info("grabcut: masks for %d of %d rows", sum(m is not None for m in masks), int(wanted.sum()))
+    return masks
+
+
 # ----------------------------------------------------------------------------- internals
+
+
+def _grabcut(path: str, box: Sequence[float] | None) -> FrameMask | None:
+    """Return the animal's pixels in the frame of `path` (a mask at a working scale of it), or None."""
+    full_w, full_h = image_size(path)
+    left, top, right, bottom = crop_box(path, box, 0.0, full_w, full_h)
+    # The box and its surroundings, read at a scale that brings the box's long side near the working size.
+    around = crop_box(path, (left, top, right - left, bottom - top), _GRABCUT_AROUND, full_w, full_h)
+    scale = min(1.0, _GRABCUT_SIDE_PX / max(right - left, bottom - top))
+    region = read_image(
+        path,
+        (around[0], around[1], around[2] - around[0], around[3] - around[1]),
+        max_side_px=max(1, round(scale * max(around[2] - around[0], around[3] - around[1]))),
+    )
+    height, width = region.shape[:2]
+    sx, sy = width / (around[2] - around[0]), height / (around[3] - around[1])
+    # The box in region pixels, kept a band inside the picture's edges: GrabCut learns the scene outside it.
+    band_x, band_y = _GRABCUT_BAND * full_w * sx, _GRABCUT_BAND * full_h * sy
+    x0 = max((left - around[0]) * sx, band_x if left <= 0 else 0.0)
+    y0 = max((top - around[1]) * sy, band_y if top <= 0 else 0.0)
+    x1 = min((right - around[0]) * sx, width - band_x if right >= full_w else float(width))
+    y1 = min((bottom - around[1]) * sy, height - band_y if bottom >= full_h else float(height))
+    rect = (round(x0), round(y0), round(x1) - round(x0), round(y1) - round(y0))
+    if min(height, width) < 16 or rect[2] < 8 or rect[3] < 8 or (rect[2] >= width and rect[3] >= height):
+        return None  # too small to split, or nothing outside the box to learn the scene from
+    image = cv2.cvtColor(region, cv2.COLOR_RGB2BGR)
+    labels = np.zeros((height, width), np.uint8)
+    background_model, foreground_model = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
+    animal = None
+    # One iteration at a time: the mixtures can collapse onto a corner of the animal, so the last split that
+    # still looks like an animal is kept.
+    for step in range(_GRABCUT_ITERATIONS):
+        mode = cv2.GC_INIT_WITH_RECT if step == 0 else cv2.GC_EVAL
+        try:
+            cv2.grabCut(image, labels, rect, background_model, foreground_model, 1, mode)
+        except cv2.error:
+            break  # a flat picture: one colour cannot be modelled by two mixtures
+        split = _solid(((labels == cv2.GC_FGD) | (labels == cv2.GC_PR_FGD)).astype(np.uint8))
+        cover = float(split[rect[1] : rect[1] + rect[3], rect[0] : rect[0] + rect[2]].mean())
+        if not _MIN_GRABCUT_COVER <= cover <= _MAX_GRABCUT_COVER:
+            break
+        animal = split
+    if animal is None:
+        return None
+    # Placed in the whole frame at the region's scale.
+    frame_w, frame_h = max(1, round(full_w * sx)), max(1, round(full_h * sy))
+    pixels = np.zeros((frame_h, frame_w), dtype=bool)
+    ox, oy = round(around[0] * sx), round(around[1] * sy)
+    h, w = min(height, frame_h - oy), min(width, frame_w - ox)
+    pixels[oy : oy + h, ox : ox + w] = animal[:h, :w]
+    return FrameMask(pixels, "grabcut")
+
+
+def _solid(raw: np.ndarray) -> np.ndarray:
+    """Return (H, W) bool: the large pieces of a uint8 0/1 mask, holes filled (module docstring)."""
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(raw, connectivity=8)
+    big = np.zeros(count, dtype=bool)
+    big[1:] = stats[1:, cv2.CC_STAT_AREA] >= _MIN_SPECK * raw.size
+    solid = big[labels].astype(np.uint8)
+    # Fill holes: what the border's background cannot reach is inside the animal.
+    outside = np.pad(solid, 1)
+    cv2.floodFill(outside, None, (0, 0), 1)
+    solid[outside[1:-1, 1:-1] == 0] = 1
+    filled: np.ndarray = solid > 0
+    return filled
 
 
 def _blank(value: Any) -> bool:
@@ -550,14 +656,7 @@ def _foreground(frame: np.ndarray, scene: np.ndarray, trusted: np.ndarray) -> np
     side = max(frame.shape[:2])
     raw = cv2.morphologyEx(raw, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (3, 3)))
     raw = cv2.morphologyEx(raw, cv2.MORPH_CLOSE, _disc(_CLOSE_RADIUS * side))
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(raw, connectivity=8)
-    big = np.zeros(count, dtype=bool)
-    big[1:] = stats[1:, cv2.CC_STAT_AREA] >= _MIN_SPECK * raw.size
-    solid = big[labels].astype(np.uint8)
-    # Fill holes: what the border's background cannot reach is inside the animal.
-    outside = np.pad(solid, 1)
-    cv2.floodFill(outside, None, (0, 0), 1)
-    solid[outside[1:-1, 1:-1] == 0] = 1
+    solid = _solid(raw).astype(np.uint8)
     grown: np.ndarray = cv2.dilate(solid, _disc(_DILATE_RADIUS * side)) > 0
     return grown
 

@@ -115,9 +115,10 @@ class KeypointConfig:
     min_confidence: float = 0.1
     """LightGlue and LighterGlue methods: a pair's score counts the matches of at least this confidence."""
     background: Background = "none"
-    """Where no user mask says where the animal is: none (features from the whole crop) or station (a per-station
+    """Where no user mask says where the animal is: none (features from the whole crop), station (a per-station
     background model of the frames of the station's other encounters, day and infrared night apart, gives the
-    animal's pixels; reid.background). Features with and without masks are of one kind and match each other."""
+    animal's pixels) or grabcut (the box split into animal and scene by their colours; reid.background).
+    Features with and without masks are of one kind and match each other."""
     user_masks: bool = True
     """Honour the catalogue's `mask` column (a mask image, or COCO polygons or RLE): features only on the animal."""
     static_background: float = 0.01
