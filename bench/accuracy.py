@@ -126,7 +126,8 @@ def main() -> None:
     )
     parser.add_argument(
         "--gallery-sizes",
-        default="1000,10000",
+        type=gallery_sizes,
+        default=(1000, 10000),
         help="with --configs: time LNBNN's search over galleries of these many pictures (the features repeated)",
     )
     parser.add_argument(
@@ -158,9 +159,16 @@ def main() -> None:
         return
     if args.configs:
         backgrounds = args.backgrounds.split(",") if args.backgrounds else None
-        sizes = tuple(int(n) for n in args.gallery_sizes.split(","))
         compare_configs(
-            args.configs.split(","), table, emb, embed_ms, out, args.seed, args.calibration, backgrounds, sizes
+            args.configs.split(","),
+            table,
+            emb,
+            embed_ms,
+            out,
+            args.seed,
+            args.calibration,
+            backgrounds,
+            args.gallery_sizes,
         )
         return
     config = KeypointConfig(method=args.keypoints)
@@ -239,6 +247,17 @@ def preset(name: str) -> tuple[KeypointConfig, ScoreFusion]:
     keypoints = OmegaConf.merge(base.keypoints, chosen.get("keypoints", {}))
     scoring = OmegaConf.merge(base.scoring, chosen.get("scoring", {}))
     return instantiate(keypoints), instantiate(scoring)
+
+
+def gallery_sizes(text: str) -> tuple[int, ...]:
+    """Parse --gallery-sizes: positive whole numbers joined by commas."""
+    try:
+        sizes = tuple(int(n) for n in text.split(","))
+    except ValueError:
+        sizes = ()
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give picture counts joined by commas, such as 1000,10000")
+    return sizes
 
 
 def scaled_lnbnn_ms(

@@ -373,8 +373,10 @@ def test_grabcut_gives_no_mask_where_there_is_nothing_to_split(tmp_path: Path) -
     rows = pd.DataFrame({"image_path": [str(flat), str(tiny), str(tmp_path / "missing.png")]})
     # One colour, a picture too small to split, a missing file (reported by the reader of the crop): no mask.
     assert grabcut_masks(rows) == [None, None, None]
-    # Only the wanted rows are split.
-    assert grabcut_masks(rows, np.array([False, False, False])) == [None, None, None]
+    # Only the wanted rows are split: the same frame twice, the second not wanted.
+    framed, _ = _masked_frame(tmp_path)
+    first, second = grabcut_masks(pd.concat([framed, framed], ignore_index=True), np.array([True, False]))
+    assert first is not None and second is None
 
 
 def test_without_masks_or_stations_the_station_default_changes_nothing(tmp_path: Path) -> None:
