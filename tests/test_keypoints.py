@@ -109,6 +109,24 @@ def test_a_mirrored_coat_is_not_a_match() -> None:
     assert match(extract(coat, config), extract(mirrored, config), config).n_inliers == 0
 
 
+def test_upright_describes_each_place_once_at_angle_zero() -> None:
+    coat = _coat(1)
+    upright, turning = KeypointConfig(upright=True), KeypointConfig()
+    found = extract(coat, upright)
+    # SIFT describes a place once per strong gradient orientation; upright, once.
+    assert len({tuple(p) for p in np.round(found.xy, 2)}) == len(found) > 40
+    assert len({tuple(p) for p in np.round(extract(coat, turning).xy, 2)}) < len(extract(coat, turning))
+    # A flank photographed a little tilted still matches; one turned on its side only rotation-invariant SIFT follows.
+    recaptured, _ = _recaptured(coat, seed=2)
+    assert match(found, extract(recaptured, upright), upright).n_inliers >= 30
+    turned = np.ascontiguousarray(np.rot90(coat))
+    assert match(extract(coat, turning), extract(turned, turning), turning).n_inliers >= 30
+    assert match(found, extract(turned, upright), upright).n_inliers < 10
+    # Galleries stored before the option existed read back as rotation-invariant.
+    stored = {k: v for k, v in KeypointConfig().to_dict().items() if k != "upright"}
+    assert KeypointConfig.from_dict(stored).upright is False
+
+
 @pytest.mark.parametrize("method", ["orb", "akaze", "sift"])
 def test_other_methods_are_selectable_and_match(method: str) -> None:
     if method == "akaze" and not AKAZE_AVAILABLE:
@@ -303,6 +321,7 @@ def test_rows_without_boxes_use_the_whole_image(tmp_path: Path) -> None:
         ({"ransac_px": 0}, "ransac_px must be a positive number"),
         ({"camera_shift": 0.5}, "camera_shift must be a fraction of the frame"),
         ({"geometry": "similarity"}, "geometry 'similarity' is not one of affine, homography"),
+        ({"upright": "yes"}, "upright must be true or false"),
     ],
 )
 def test_invalid_config_names_the_fix(values: dict, message: str) -> None:
