@@ -189,6 +189,8 @@ class KeypointConfig:
         for name in ("user_masks", "upright"):
             if not isinstance(getattr(self, name), bool):
                 problems.append(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.upright is True and self.method not in ("rootsift", "sift"):
+            problems.append(f"upright applies to rootsift and sift only, not {self.method!r}; set upright to false")
         if problems:
             raise ReidError("invalid KeypointConfig: " + "; ".join(problems))
 

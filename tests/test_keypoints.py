@@ -322,6 +322,7 @@ def test_rows_without_boxes_use_the_whole_image(tmp_path: Path) -> None:
         ({"camera_shift": 0.5}, "camera_shift must be a fraction of the frame"),
         ({"geometry": "similarity"}, "geometry 'similarity' is not one of affine, homography"),
         ({"upright": "yes"}, "upright must be true or false"),
+        ({"upright": True, "method": "orb"}, "upright applies to rootsift and sift only, not 'orb'"),
     ],
 )
 def test_invalid_config_names_the_fix(values: dict, message: str) -> None:
