@@ -25,14 +25,13 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from reid import workflows
 from reid.errors import ReidError, command_line_problem
 from reid.models import Embedder, find_embedder
-from reid.workflows import Outcome, run_mode
+from reid.workflows import Outcome, run_mode, set_threads
 
 
 def embedder(cfg: DictConfig, *, demo: bool = False) -> Embedder:
@@ -137,8 +136,7 @@ MODES: dict[str, Callable[[DictConfig], Outcome]] = {
 @hydra.main(version_base="1.3", config_path="conf", config_name="infer")
 def main(cfg: DictConfig) -> None:
     """Run the configured mode and print where its results are."""
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    set_threads(cfg.threads)
     OmegaConf.save(cfg, Path(cfg.paths.run_dir) / "config.yaml")
     run_mode(MODES, cfg.mode, cfg)
 

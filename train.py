@@ -22,20 +22,19 @@ from typing import Any
 
 import hydra
 import pytorch_lightning as pl
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from reid.errors import command_line_problem, report
 from reid.importers import load_source
 from reid.training import fit_and_export
+from reid.workflows import set_threads
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Train as configured; return the trained validation mAP (what a sweeper optimises)."""
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    set_threads(cfg.threads)
     pl.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.paths.run_dir)
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:

@@ -87,6 +87,7 @@ from reid.matchers import extract_rows as extract_local_features
 from reid.metrics import first_match_ranks, retrieval_metrics
 from reid.models import create_embedder, embed_images, export_embedder, load_embedder
 from reid.splits import split_catalogue
+from reid.workflows import set_threads
 from reid.workflows.calibrate import CalibrationSettings, calibrate_thresholds
 from reid.workflows.match import decision_counts, score_queries, shortlist
 
@@ -135,7 +136,7 @@ def main() -> None:
         help="with --configs: run each preset with each of these keypoints.background values (none,station,grabcut)",
     )
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     name = "synthetic" if args.synthetic else args.labels.parent.name
     out = args.out or ROOT / "outputs" / "bench" / f"accuracy-{name}"
     out.mkdir(parents=True, exist_ok=True)

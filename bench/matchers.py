@@ -35,11 +35,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from reid.images import read_image
-from reid.index import set_threads
 from reid.matchers import LnbnnRanker, LocalFeatures, Matcher, create_matcher, load_features, save_features
+from reid.workflows import set_threads
 
 ROOT = Path(__file__).resolve().parents[1]
 TOPK = (1, 5)
@@ -64,7 +63,6 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench" / "matchers")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
     set_threads(args.threads)
     if not args.labels.is_file():
         sys.exit(

@@ -32,6 +32,7 @@ from reid.models import create_embedder
 from reid.synthetic import SyntheticConfig, ensure_dataset
 from reid.training import EmbeddingModule, FlankDataModule
 from reid.transforms import train_transform
+from reid.workflows import set_threads
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -146,7 +147,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2, help="alternating runs of each; the best is reported")
     parser.add_argument("--log-dir", default="/tmp/reid-bench-logs")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
 
     _, datamodule = build(args, None)
     plain, lightning = [], []

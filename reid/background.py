@@ -57,7 +57,7 @@ from tqdm import tqdm
 
 from reid.catalogue import BBOX_COLUMNS
 from reid.errors import ReidError
-from reid.images import ImageReadError, crop_box, image_size, read_image
+from reid.images import ImageReadError, crop_box, image_size, map_pictures, read_image
 
 __all__ = [
     "BACKGROUNDS",
@@ -95,6 +95,7 @@ _GRABCUT_SIDE_PX = 192  # the box and its surroundings are split at this long si
 _GRABCUT_AROUND = 0.25  # of the box's size on each side: the surroundings the scene's colours are learnt from
 _GRABCUT_BAND = 0.03  # of the picture's size: the scene along its edges, where the box reaches them
 _GRABCUT_ITERATIONS = 4
+_GRABCUT_SEED = 0  # of the k-means that starts its colour mixtures
 _MIN_GRABCUT_COVER, _MAX_GRABCUT_COVER = 0.15, 0.95  # of the box: outside these, GrabCut found nothing to split
 
 
@@ -288,9 +289,15 @@ def grabcut_masks(
         boxes: list[Sequence[float] | None] = list(rows[list(BBOX_COLUMNS)].to_numpy(dtype=float))
     else:
         boxes = [None] * n
-    for i in tqdm(np.flatnonzero(wanted), desc="grabcut", unit="img", disable=not progress):
+
+    def split(i: int) -> FrameMask | None:
         with contextlib.suppress(ImageReadError, OSError):
-            masks[i] = _grabcut(paths[i], boxes[i])
+            return _grabcut(paths[i], boxes[i])
+        return None
+
+    wanted_rows = np.flatnonzero(wanted).tolist()
+    for i, mask in zip(wanted_rows, map_pictures(split, wanted_rows, desc="grabcut", progress=progress), strict=True):
+        masks[i] = mask
     log.info("grabcut: masks for %d of %d rows", sum(m is not None for m in masks), int(wanted.sum()))
     return masks
 
@@ -322,6 +329,9 @@ def _grabcut(path: str, box: Sequence[float] | None) -> FrameMask | None:
     if min(height, width) < 16 or rect[2] < 8 or rect[3] < 8 or (rect[2] >= width and rect[3] >= height):
         return None  # too small to split, or nothing outside the box to learn the scene from
     image = cv2.cvtColor(region, cv2.COLOR_RGB2BGR)
+    # GrabCut seeds its colour mixtures by k-means from OpenCV's random generator (one per thread): seeded
+    # here, a picture's mask does not depend on which pictures came before it, nor on which thread split it.
+    cv2.setRNGSeed(_GRABCUT_SEED)
     labels = np.zeros((height, width), np.uint8)
     background_model, foreground_model = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
     animal = None

@@ -166,7 +166,8 @@ class ScoreFusion:
     whole gallery, or the union of both (up to 2B entries)."""
     lnbnn_index: IndexKind = "flat"
     """How LNBNN searches the gallery's descriptors: flat (exact; about 1 s per query against 300 pictures of
-    512 features on 2 cores) or ivf / hnsw (approximate, several times faster, built once per run)."""
+    512 features on 2 cores) or ivf / hnsw (approximate, with 8-bit codes: several times faster, built once per
+    run)."""
     lnbnn_vote: LnbnnVote = "relative"
     """What LNBNN's score is: a picture's vote over the mean vote of the pictures searched (relative), or the raw
     vote (leopard-reid 0.3, and fusions stored without this field). A raw vote grows as the gallery shrinks (each

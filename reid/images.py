@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
+import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+from tqdm import tqdm
+from tqdm.contrib.concurrent import thread_map
 
 from reid.errors import ReidError
 
@@ -23,6 +27,8 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_PIXELS = 200_000_000  # about a 16k x 12k frame; larger is almost surely an error or an attack
 _EXIF_ORIENTATION = 0x0112
 _TRANSPOSED_ORIENTATIONS = {5, 6, 7, 8}
+Item = TypeVar("Item")
+Result = TypeVar("Result")
 
 
 class ImageReadError(ReidError):
@@ -32,6 +38,24 @@ class ImageReadError(ReidError):
         super().__init__(f"{path}: {reason}")
         self.path = str(path)
         self.reason = reason
+
+
+def map_pictures(
+    work: Callable[[Item], Result], items: Sequence[Item], *, desc: str, progress: bool = False
+) -> list[Result]:
+    """Return [work(item) for item in items], in order, worked on by as many threads as OpenCV uses.
+
+    That is one per core, or the run's `threads` setting (reid.workflows.common.set_threads).
+    PIL's decoding and OpenCV release the GIL, so two cores describe pictures nearly
+    twice as fast (GrabCut and RootSIFT of nyala-dev pictures: 410 ms a picture, 220 ms
+    on two threads). `work` must not share mutable state between items.
+    """
+    workers = max(1, cv2.getNumThreads())
+    if workers == 1 or len(items) < 2:
+        return [work(item) for item in tqdm(items, desc=desc, unit="img", disable=not progress)]
+    return list(
+        thread_map(work, items, max_workers=workers, desc=desc, unit="img", disable=not progress, tqdm_class=tqdm)
+    )
 
 
 def image_size(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:

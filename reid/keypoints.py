@@ -29,7 +29,7 @@ from tqdm import tqdm
 from reid.background import BACKGROUNDS, Background, FrameMask, box_cover_too_low, crop_mask, foreground_masks
 from reid.catalogue import BBOX_COLUMNS, image_problem
 from reid.errors import Problem, ReidError
-from reid.images import ImageReadError, crop_box, image_size, read_image
+from reid.images import ImageReadError, crop_box, image_size, map_pictures, read_image
 
 __all__ = [
     "Correspondences",
@@ -275,26 +275,31 @@ def extract_rows(
         boxes: list[Sequence[float] | None] = list(rows[list(BBOX_COLUMNS)].to_numpy(dtype=float))
     else:
         boxes = [None] * len(paths)
-    detector = _detector(config)
+    _detector(config)  # refuses a method this OpenCV lacks before any picture is read
     masks, problems = row_masks(rows, config, progress=progress)
-    features: list[Features] = []
-    for i, (path, box) in enumerate(
-        tqdm(zip(paths, boxes, strict=True), total=len(paths), desc="keypoints", unit="img", disable=not progress)
-    ):
+
+    def describe(i: int) -> tuple[Features, list[Problem]]:
+        path, box = paths[i], boxes[i]
+        met: list[Problem] = []
         try:
             crop = read_crop(path, box, config)
-            animal = animal_pixels(rows, i, masks[i], path, box, config, crop.shape[:2], problems)
-            found = _extract(crop, config, detector, animal)
+            animal = animal_pixels(rows, i, masks[i], path, box, config, crop.shape[:2], met)
+            # A detector per picture (0.5 us to make): pictures are described on several threads.
+            found = _extract(crop, config, _detector(config), animal)
             found.frame_xy = frame_positions(path, box, config, found)
-            features.append(found)
+            return found, met
         except ImageReadError as err:
-            problems.append(image_problem(rows, i, err.path, err.reason))
-            features.append(_empty(config.method))
+            return _empty(config.method), [*met, image_problem(rows, i, err.path, err.reason)]
         except OSError as err:
             reason = err.strerror or str(err)
-            problems.append(image_problem(rows, i, path, f"cannot read the file ({reason}); check the path"))
-            features.append(_empty(config.method))
-    return features, problems
+            return _empty(config.method), [
+                *met,
+                image_problem(rows, i, path, f"cannot read the file ({reason}); check the path"),
+            ]
+
+    described = map_pictures(describe, range(len(paths)), desc="keypoints", progress=progress)
+    problems += [problem for _, met in described for problem in met]
+    return [found for found, _ in described], problems
 
 
 def row_masks(

@@ -396,6 +396,23 @@ def test_grabcut_gives_no_mask_where_there_is_nothing_to_split(tmp_path: Path) -
     assert first is not None and second is None
 
 
+def test_a_grabcut_mask_does_not_depend_on_the_pictures_before_it_nor_on_the_threads(tmp_path: Path) -> None:
+    framed, _ = _masked_frame(tmp_path)
+    # The same frame four times: GrabCut's k-means draws from OpenCV's random generator, one per thread.
+    rows = pd.concat([framed] * 4, ignore_index=True)
+    threads = cv2.getNumThreads()
+    try:
+        cv2.setNumThreads(1)
+        alone = grabcut_masks(rows)
+        cv2.setNumThreads(2)
+        together = grabcut_masks(rows)
+    finally:
+        cv2.setNumThreads(threads)
+    assert all(mask is not None for mask in alone + together)
+    for mask in alone[1:] + together:
+        np.testing.assert_array_equal(mask.pixels, alone[0].pixels)  # type: ignore[union-attr]
+
+
 def test_without_masks_or_stations_the_station_default_changes_nothing(tmp_path: Path) -> None:
     rows, _ = _station_frames(tmp_path, day=6, night=0, frames=1, seed=9)
     for stripped in (rows.drop(columns=["station"]), rows.assign(station=None)):

@@ -67,3 +67,23 @@ def test_bad_input_is_refused_with_the_shape(tmp_path) -> None:
     (tmp_path / "junk.faiss").write_bytes(b"not an index")
     with pytest.raises(ReidError, match="not a FAISS index"):
         EmbeddingIndex.load(tmp_path / "junk.faiss")
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_eight_bit_codes_find_the_true_neighbours_with_scores_near_the_exact_ones(kind: str) -> None:
+    rng = np.random.default_rng(6)
+    n = 12_000  # above MIN_APPROXIMATE, below which every kind is exact
+    # Clustered, as local descriptors of the same coat patch are: 1,200 clusters of 10.
+    data = np.repeat(_unit(rng, n // 10, 64), 10, axis=0) + 0.5 * _unit(rng, n, 64)
+    data = (data / np.linalg.norm(data, axis=1, keepdims=True)).astype(np.float32)
+    queries = data[:40] + 0.05 * _unit(rng, 40, 64)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    coded = EmbeddingIndex.build(data, kind=kind, eight_bit=True)  # type: ignore[arg-type]
+    assert coded.kind == kind
+    assert coded.memory_bytes() < EmbeddingIndex.build(data, kind=kind).memory_bytes()  # type: ignore[arg-type]
+    scores, ids = coded.search(queries, 10)
+    exact = queries @ data.T
+    truth = np.argsort(-exact, axis=1)[:, :10]
+    assert np.mean([len(set(r) & set(t)) / 10 for r, t in zip(ids, truth, strict=True)]) > 0.8
+    assert (ids[:, 0] == np.arange(40)).mean() > 0.9
+    assert np.abs(scores - np.take_along_axis(exact, ids, axis=1)).max() < 0.02

@@ -295,6 +295,27 @@ def test_extract_rows_reports_unreadable_files_and_goes_on(flank_catalogue: pd.D
     assert "not found" in problems[0].message and "not an image" in problems[1].message
 
 
+def test_pictures_described_on_two_threads_come_out_as_on_one(flank_catalogue: pd.DataFrame, tmp_path: Path) -> None:
+    rows = flank_catalogue.head(6).reset_index(drop=True)
+    rows.loc[[1, 4], "image_path"] = [str(tmp_path / "first.jpg"), str(tmp_path / "second.jpg")]
+    threads = cv2.getNumThreads()
+    try:
+        described = []
+        for n in (1, 2):
+            cv2.setNumThreads(n)
+            described.append(extract_rows(rows, KeypointConfig(background="grabcut"), progress=False))
+    finally:
+        cv2.setNumThreads(threads)
+    (one, one_problems), (two, two_problems) = described
+    assert (
+        [p.source for p in one_problems] == [p.source for p in two_problems] == rows.loc[[1, 4], "image_path"].tolist()
+    )
+    assert [len(item) for item in one] == [len(item) for item in two] and min(len(one[i]) for i in (0, 2, 3, 5)) > 0
+    for a, b in zip(one, two, strict=True):
+        np.testing.assert_array_equal(a.xy, b.xy)
+        np.testing.assert_array_equal(a.descriptors, b.descriptors)
+
+
 def test_rows_without_boxes_use_the_whole_image(tmp_path: Path) -> None:
     path = tmp_path / "flank.png"
     Image.fromarray(_coat(1, width=600, height=300)).save(path)

@@ -1,7 +1,7 @@
 """HotSpotter's LNBNN vote (Crall et al. 2013): a whole-gallery ranker over the local features of every picture.
 
 Each query descriptor finds its K + 1 nearest gallery descriptors (one FAISS index per
-side, through reid.index) and votes for the individual of each of the first K with
+side, through reid.index; approximate ones hold 8-bit codes) and votes for the individual of each of the first K with
 weight d(K+1) - d(i): a descriptor whose neighbours are all about as near (a patch of
 background or a coat texture many animals share) gives little, a distinctive one gives
 much. Each query descriptor votes at most once per individual (its nearest neighbour of
@@ -145,7 +145,9 @@ class LnbnnRanker:
                         if len(features[i])
                     ]
                 )
-            self._groups[side] = _SideIndex(EmbeddingIndex.build(descriptors, kind=index_kind), owner, frame)
+            # 8-bit codes where approximate: a vote is a difference of distances, not moved by their last bits.
+            index = EmbeddingIndex.build(descriptors, kind=index_kind, eight_bit=True)
+            self._groups[side] = _SideIndex(index, owner, frame)
 
     def __len__(self) -> int:
         """Return the number of gallery pictures."""

@@ -8,7 +8,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import cv2
+import faiss
 import pandas as pd
+import torch
 
 from reid.errors import Problem, ReidError, run_and_report
 from reid.files import atomic_write, write_csv
@@ -31,6 +34,16 @@ def write_counts(counts: pd.DataFrame, out_dir: str | Path) -> Path:
     with atomic_write(out_dir / "counts.json") as f:
         json.dump(counts.to_dict("records"), f, indent=2, default=str)
     return out_dir / "counts.json"
+
+
+def set_threads(threads: int | None) -> None:
+    """Compute on `threads` CPU threads (None or 0: one per core): torch, FAISS, OpenCV and the pictures
+    described at once (reid.images.map_pictures). Two runs sharing 2 cores should take 1 each: two
+    processes of 2 busy threads each slow each other down many times over."""
+    if threads:
+        torch.set_num_threads(int(threads))
+        faiss.omp_set_num_threads(int(threads))
+        cv2.setNumThreads(int(threads))
 
 
 Config = TypeVar("Config")
