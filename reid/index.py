@@ -5,9 +5,11 @@ the cosine similarity. Three kinds, chosen by `EmbeddingIndex.build`:
 
 - `flat`: exact (`IndexFlatIP`), the default; fast enough up to ~100k entries.
 - `ivf`: inverted lists (`IndexIVFFlat`), about sqrt(N) of them, k-means-trained on
-  a sample of the vectors it is built from; a sixteenth of them searched per query.
-  More lists search no fewer vectors at that share, and cost far more to train: an
-  LNBNN index of a 10,000-picture gallery holds about 2 million descriptors.
+  a sample of the vectors it is built from; a sixteenth of them searched per query,
+  but no more than `IVF_MAX_SCANNED` vectors: an LNBNN index of a 10,000-picture
+  gallery holds over 5 million descriptors, and each query searches it with hundreds
+  (there it probes about 1 list in 28). More lists search no fewer vectors at a
+  share, and cost far more to train.
 - `hnsw`: a navigable small-world graph (`IndexHNSWFlat`), no training.
 
 Approximate kinds fall back to `flat` below `MIN_APPROXIMATE` vectors, where
@@ -36,6 +38,7 @@ HNSW_NEIGHBOURS = 32
 HNSW_EF_CONSTRUCTION = 80
 HNSW_EF_SEARCH = 128
 IVF_PROBE_SHARE = 1 / 16  # of the lists searched per query
+IVF_MAX_SCANNED = 200_000  # vectors scanned per query, at most: beyond 3.2 million, a smaller share of the lists
 IVF_TRAIN_PER_LIST = 64  # training vectors per list, at most (FAISS would take up to 256)
 EIGHT_BIT = faiss.ScalarQuantizer.QT_8bit
 
@@ -84,7 +87,8 @@ class EmbeddingIndex:
             # than this barely move the centroids (a 10k-picture LNBNN index has millions of descriptors).
             sample = np.random.default_rng(0).permutation(n)[: IVF_TRAIN_PER_LIST * nlist]
             ivf.train(index_checked(embeddings[np.sort(sample)], dim))
-            ivf.nprobe = max(1, math.ceil(nlist * IVF_PROBE_SHARE))
+            # A share of the lists, as long as that scans at most IVF_MAX_SCANNED vectors (n / nlist per list).
+            ivf.nprobe = max(1, min(math.ceil(nlist * IVF_PROBE_SHARE), IVF_MAX_SCANNED * nlist // n))
             index = cls(dim, _index=ivf)
         if n:
             index.add(embeddings)

@@ -87,3 +87,19 @@ def test_eight_bit_codes_find_the_true_neighbours_with_scores_near_the_exact_one
     assert np.mean([len(set(r) & set(t)) / 10 for r, t in zip(ids, truth, strict=True)]) > 0.8
     assert (ids[:, 0] == np.arange(40)).mean() > 0.9
     assert np.abs(scores - np.take_along_axis(exact, ids, axis=1)).max() < 0.02
+
+
+def test_an_ivf_index_scans_a_share_of_its_lists_up_to_a_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(7)
+    data = _unit(rng, 12_000, 16)  # 109 lists of about 110 vectors
+    assert _probed_lists(EmbeddingIndex.build(data, kind="ivf")) == 7  # a sixteenth of 109, rounded up
+    monkeypatch.setattr("reid.index.IVF_MAX_SCANNED", 400)
+    capped = EmbeddingIndex.build(data, kind="ivf")
+    assert _probed_lists(capped) == 3  # 400 vectors of 110 a list
+    # Still a search: each vector finds itself in its own list.
+    assert (capped.search(data[:50], 1)[1][:, 0] == np.arange(50)).mean() > 0.9
+
+
+def _probed_lists(index: EmbeddingIndex) -> int:
+    """Return how many inverted lists the IVF index searches per query."""
+    return int(index._index.nprobe)  # type: ignore[attr-defined]
