@@ -298,7 +298,9 @@ def grabcut_masks(
     wanted_rows = np.flatnonzero(wanted).tolist()
     for i, mask in zip(wanted_rows, map_pictures(split, wanted_rows, desc="grabcut", progress=progress), strict=True):
         masks[i] = mask
-    log.info("grabcut: masks for %d of %d rows", sum(m is not None for m in masks), int(wanted.sum()))
+    # Quiet for the single pictures drawn as evidence: a report's hundreds of lines would bury the warnings.
+    level = logging.INFO if progress else logging.DEBUG
+    log.log(level, "grabcut: masks for %d of %d rows", sum(m is not None for m in masks), int(wanted.sum()))
     return masks
 
 
