@@ -16,7 +16,7 @@ Approximate kinds fall back to `flat` below `MIN_APPROXIMATE` vectors, where
 exact search is as fast and they would only lose recall. Built with `eight_bit`,
 they hold each vector as one byte per dimension (FAISS's scalar quantiser, its
 range per dimension learnt from the vectors): a quarter of the memory and about
-half the time to scan, for scores within about 0.01 of the exact ones. LNBNN's
+half the time to scan, for scores within 0.02 of the exact ones. LNBNN's
 descriptor index is built so: on nyala-dev its ranking did not change.
 """
 

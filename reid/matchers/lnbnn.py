@@ -1,12 +1,13 @@
 """HotSpotter's LNBNN vote (Crall et al. 2013): a whole-gallery ranker over the local features of every picture.
 
 Each query descriptor finds its K + 1 nearest gallery descriptors (one FAISS index per
-side, through reid.index; approximate ones hold 8-bit codes) and votes for the individual of each of the first K with
-weight d(K+1) - d(i): a descriptor whose neighbours are all about as near (a patch of
-background or a coat texture many animals share) gives little, a distinctive one gives
-much. Each query descriptor votes at most once per individual (its nearest neighbour of
-that individual). Distances are Euclidean between L2-normalised descriptors (0 to 2),
-or their squares (0 to 4, `distance="squared"`, what an L2 FAISS index returns).
+side, through reid.index; approximate ones hold 8-bit codes) and votes for the
+individual of each of the first K with weight d(K+1) - d(i): a descriptor whose
+neighbours are all about as near (a patch of background or a coat texture many
+animals share) gives little, a distinctive one gives much. Each query descriptor
+votes at most once per individual (its nearest neighbour of that individual).
+Distances are Euclidean between L2-normalised descriptors (0 to 2), or their squares
+(0 to 4, `distance="squared"`, what an L2 FAISS index returns).
 
 Pictures cut from camera frames know where each descriptor sat in the frame: a
 neighbour that is the fixed camera's scene (at the same frame place, or moved with
