@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from reid import workflows
 from reid.errors import ReidError, command_line_problem
 from reid.models import Embedder, find_embedder
-from reid.workflows import Outcome, run_mode, set_threads
+from reid.workflows import Outcome, run_mode
 
 
 def embedder(cfg: DictConfig, *, demo: bool = False) -> Embedder:
@@ -136,9 +136,8 @@ MODES: dict[str, Callable[[DictConfig], Outcome]] = {
 @hydra.main(version_base="1.3", config_path="conf", config_name="infer")
 def main(cfg: DictConfig) -> None:
     """Run the configured mode and print where its results are."""
-    set_threads(cfg.threads)
     OmegaConf.save(cfg, Path(cfg.paths.run_dir) / "config.yaml")
-    run_mode(MODES, cfg.mode, cfg)
+    run_mode(MODES, cfg.mode, cfg, threads=cfg.threads)
 
 
 if __name__ == "__main__":

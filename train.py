@@ -25,16 +25,19 @@ import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from reid.errors import command_line_problem, report
+from reid.errors import ReidError, command_line_problem, report
+from reid.images import set_threads
 from reid.importers import load_source
 from reid.training import fit_and_export
-from reid.workflows import set_threads
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Train as configured; return the trained validation mAP (what a sweeper optimises)."""
-    set_threads(cfg.threads)
+    try:
+        set_threads(cfg.threads)
+    except ReidError as err:
+        sys.exit(f"error: {err}")
     pl.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.paths.run_dir)
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:

@@ -70,6 +70,7 @@ from scipy.stats import beta
 from reid.errors import ReidError
 from reid.fusion import DEFAULT_CALIBRATION, FusedScorer, ScoreFusion, fit_calibration, fit_fusion, lnbnn_ranker
 from reid.gallery import Gallery, StoredKeypoints
+from reid.images import set_threads
 from reid.importers import load_source
 from reid.index import EmbeddingIndex
 from reid.keypoints import (
@@ -87,7 +88,6 @@ from reid.matchers import extract_rows as extract_local_features
 from reid.metrics import first_match_ranks, retrieval_metrics
 from reid.models import create_embedder, embed_images, export_embedder, load_embedder
 from reid.splits import split_catalogue
-from reid.workflows import set_threads
 from reid.workflows.calibrate import CalibrationSettings, calibrate_thresholds
 from reid.workflows.match import decision_counts, score_queries, shortlist
 

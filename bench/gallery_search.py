@@ -18,8 +18,8 @@ import time
 
 import numpy as np
 
+from reid.images import set_threads
 from reid.index import EmbeddingIndex
-from reid.workflows import set_threads
 
 
 def clustered(n: int, dim: int, rng: np.random.Generator) -> np.ndarray:

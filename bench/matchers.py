@@ -36,9 +36,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from reid.images import read_image
+from reid.images import read_image, set_threads
 from reid.matchers import LnbnnRanker, LocalFeatures, Matcher, create_matcher, load_features, save_features
-from reid.workflows import set_threads
 
 ROOT = Path(__file__).resolve().parents[1]
 TOPK = (1, 5)

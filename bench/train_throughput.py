@@ -28,11 +28,11 @@ import torch
 from pytorch_metric_learning.losses import ArcFaceLoss
 
 from reid.catalogue import load_catalogue
+from reid.images import set_threads
 from reid.models import create_embedder
 from reid.synthetic import SyntheticConfig, ensure_dataset
 from reid.training import EmbeddingModule, FlankDataModule
 from reid.transforms import train_transform
-from reid.workflows import set_threads
 
 REPO = Path(__file__).resolve().parents[1]
 

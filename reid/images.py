@@ -45,7 +45,7 @@ def map_pictures(
 ) -> list[Result]:
     """Return [work(item) for item in items], in order, worked on by as many threads as OpenCV uses.
 
-    That is one per core, or the run's `threads` setting (reid.workflows.common.set_threads).
+    That is one per core, or the run's `threads` setting (`set_threads`).
     PIL's decoding and OpenCV release the GIL, so two cores describe pictures nearly
     twice as fast (GrabCut and RootSIFT of nyala-dev pictures: 410 ms a picture, 220 ms
     on two threads). `work` must not share mutable state between items.
@@ -56,6 +56,25 @@ def map_pictures(
     return list(
         thread_map(work, items, max_workers=workers, desc=desc, unit="img", disable=not progress, tqdm_class=tqdm)
     )
+
+
+def set_threads(threads: int | None) -> None:
+    """Compute on `threads` CPU threads (None or 0: one per core): torch, FAISS, OpenCV and the pictures
+    described at once (`map_pictures`). Two runs sharing 2 cores should take 1 each: two processes of 2
+    busy threads each slow each other down many times over."""
+    if threads is None or threads == 0:
+        return
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+        raise ReidError(
+            f"threads={threads!r}: give a whole number of CPU threads (1, 2, ...), or null for one per core"
+        )
+    # Imported here: reading a picture should not load FAISS or torch.
+    import faiss
+    import torch
+
+    torch.set_num_threads(threads)
+    faiss.omp_set_num_threads(threads)
+    cv2.setNumThreads(threads)
 
 
 def image_size(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:

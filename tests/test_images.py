@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from reid.images import ImageReadError, image_size, read_image
+from reid.errors import ReidError
+from reid.images import ImageReadError, image_size, read_image, set_threads
 
 
 def _quadrants(width: int = 64, height: int = 48) -> np.ndarray:
@@ -172,3 +175,16 @@ def test_oversized_image_is_refused_before_decoding(tmp_path: Path) -> None:
         read_image(path, max_pixels=10_000_000)
     with pytest.raises(ImageReadError, match="over the limit"):
         image_size(path, max_pixels=10_000_000)
+
+
+@pytest.mark.parametrize("threads", [-1, "two", 1.5, True])
+def test_a_bad_thread_count_is_refused_with_the_fix(threads: object) -> None:
+    with pytest.raises(ReidError, match=r"give a whole number of CPU threads .* or null for one per core"):
+        set_threads(threads)  # type: ignore[arg-type]
+
+
+def test_no_thread_count_leaves_every_library_as_it_is() -> None:
+    before = (torch.get_num_threads(), cv2.getNumThreads())
+    set_threads(None)
+    set_threads(0)
+    assert (torch.get_num_threads(), cv2.getNumThreads()) == before

@@ -14,7 +14,7 @@ returns an `Outcome` (files written, problems met, a summary to print).
 
 from reid.workflows.build import build_gallery, run_build
 from reid.workflows.calibrate import CalibrationSettings, calibrate_gallery, calibrate_thresholds, run_calibrate
-from reid.workflows.common import Outcome, run_mode, set_threads
+from reid.workflows.common import Outcome, run_mode
 from reid.workflows.count import run_count
 from reid.workflows.demo import evaluate_against_truth, run_infer_demo, run_share_demo
 from reid.workflows.match import match, run_match, score_queries
@@ -61,5 +61,4 @@ __all__ = [
     "run_share_demo",
     "run_shared",
     "score_queries",
-    "set_threads",
 ]

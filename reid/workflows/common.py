@@ -8,13 +8,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-import cv2
-import faiss
 import pandas as pd
-import torch
 
 from reid.errors import Problem, ReidError, run_and_report
 from reid.files import atomic_write, write_csv
+from reid.images import set_threads
 
 
 @dataclass
@@ -36,26 +34,20 @@ def write_counts(counts: pd.DataFrame, out_dir: str | Path) -> Path:
     return out_dir / "counts.json"
 
 
-def set_threads(threads: int | None) -> None:
-    """Compute on `threads` CPU threads (None or 0: one per core): torch, FAISS, OpenCV and the pictures
-    described at once (reid.images.map_pictures). Two runs sharing 2 cores should take 1 each: two
-    processes of 2 busy threads each slow each other down many times over."""
-    if threads:
-        torch.set_num_threads(int(threads))
-        faiss.omp_set_num_threads(int(threads))
-        cv2.setNumThreads(int(threads))
-
-
 Config = TypeVar("Config")
 
 
-def run_mode(modes: Mapping[str, Callable[[Config], Outcome]], mode: str, config: Config) -> None:
-    """Run an entry point's mode on its config: print its summary and files and log its problems.
+def run_mode(
+    modes: Mapping[str, Callable[[Config], Outcome]], mode: str, config: Config, *, threads: int | None = None
+) -> None:
+    """Run an entry point's mode on its config, on `threads` CPU threads (`reid.images.set_threads`): print its
+    summary and files and log its problems.
 
     A `ReidError` (a user's bad input) ends in one line and exit status 1, never a traceback.
     """
 
     def run() -> tuple[dict[str, Path], list[Problem]]:
+        set_threads(threads)
         if mode not in modes:
             raise ReidError(f"mode={mode} is not one of {', '.join(modes)}")
         outcome = modes[mode](config)
